@@ -1,0 +1,136 @@
+"""The one place where settings are read.
+
+Defaults live in the Flower run config (`[tool.flwr.app.config]` in pyproject.toml), so a
+`flwr run .` and a `fedrec` command see the same values. Every entry point turns a run-config
+mapping into a `Config` here, which checks names, types and ranges once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "ml-latest", "seq", "inter", "csv")
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dataset: str
+    data_dir: str
+    kcore: int
+    min_rating: float
+    max_len: int
+    mask_history: bool
+    seed: int
+    csv_sep: str
+    csv_user_col: str
+    csv_item_col: str
+    csv_time_col: str
+    csv_rating_col: str
+    synthetic_users: int
+    synthetic_items: int
+    synthetic_groups: int
+    synthetic_min_len: int
+    synthetic_max_len: int
+    embedding_dim: int
+    hidden_dim: int
+    dropout: float
+    tie_weights: bool
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    dp: bool
+    noise_multiplier: float
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+
+    def __post_init__(self) -> None:
+        _check(self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        for name in ("max_len", "embedding_dim", "hidden_dim", "epochs", "batch_size",
+                     "synthetic_users", "synthetic_items", "synthetic_groups", "synthetic_min_len"):
+            _check(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
+        for name in ("kcore", "patience", "min_rating", "weight_decay", "noise_multiplier"):
+            _check(getattr(self, name) >= 0, f"{_key(name)} must be >= 0, got {getattr(self, name)}")
+        _check(self.synthetic_min_len >= 3, "synthetic-min-len must be >= 3 (leave-one-out needs 3 items)")
+        _check(self.synthetic_max_len >= self.synthetic_min_len, "synthetic-max-len must be >= synthetic-min-len")
+        _check(self.synthetic_groups <= self.synthetic_items, "synthetic-groups must be <= synthetic-items")
+        _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _check(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
+        _check(self.max_grad_norm > 0, f"max-grad-norm must be positive, got {self.max_grad_norm}")
+        _check(not self.dp or self.noise_multiplier > 0 or self.target_epsilon > 0,
+               "with dp on, set noise-multiplier > 0 or target-epsilon > 0")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> Config:
+        """Build from a Flower run config (hyphenated keys) over the defaults, then overrides.
+
+        Overrides use hyphenated keys too; a `None` override means "keep the default", which is
+        what an unset command-line option passes.
+        """
+        merged = {**defaults(), **dict(run_config)}
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in merged.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                continue  # keys of other roles (server rounds, ...) are read where they are used
+            values[name] = _coerce(key, value, fields[name].type)
+        missing = set(fields) - set(values)
+        _check(not missing, f"missing settings: {', '.join(sorted(_key(m) for m in missing))}")
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+
+def defaults() -> dict[str, Any]:
+    """The `[tool.flwr.app.config]` table of the project's pyproject.toml."""
+    if not PYPROJECT.is_file():
+        raise ConfigError(f"{PYPROJECT} not found: install fedrec from its source tree (pip install -e .)")
+    with PYPROJECT.open("rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """Accept the types a run config may carry (a CLI string, an int for a float, ...)."""
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            if not isinstance(value, (bool, int)):
+                raise ValueError
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {kind}, got {value!r}") from None

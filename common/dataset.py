@@ -1,0 +1,385 @@
+"""From raw files (or the synthetic generator) to per-user item sequences and model inputs.
+
+`load_dataset` finds and reads the input, `clean` turns interactions into chronological
+sequences with every removal counted, results are cached on disk, and the split helpers build
+the chronological leave-one-out examples: for a sequence s, training uses s[:-2], validation
+predicts s[-2] from s[:-2] and test predicts s[-1] from s[:-1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from common.config import Config
+from common.download import fetch_movielens
+from common.errors import DataError
+from common.loaders import Loaded, read_interactions, read_titles
+from common.synthetic import generate
+
+__all__ = ["DataError", "SequenceData", "clean", "load_dataset", "train_part", "eval_examples",
+           "training_windows", "popularity", "stats", "cache_root"]
+
+MIN_SEQUENCE = 3       # leave-one-out needs one training item, a validation and a test target
+CACHE_VERSION = 1      # bump when cleaning changes, so old cache entries are not reused
+RATINGS_FILES = {"ml-100k": ("u.data",), "ml-1m": ("ratings.dat", "ratings.dat.gz"),
+                 "ml-latest-small": ("ratings.csv",), "ml-latest": ("ratings.csv",)}
+_TITLE_FILES = {"ml-100k": "u.item", "ml-1m": "movies.dat", "ml-latest": "movies.csv"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceData:
+    """Cleaned per-user sequences.
+
+    Item ids run 1..num_items (0 is padding); user u is row u. `item_ids[i - 1]` and
+    `titles[i - 1]` are the raw id and title ("" when unknown) of item i. `item_groups[i]` is the
+    latent group of item i, for synthetic data only (index 0 holds -1).
+    """
+
+    sequences: list[np.ndarray]
+    num_items: int
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    titles: np.ndarray | None
+    report: dict
+    item_groups: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_dataset(cfg: Config) -> SequenceData:
+    """The dataset named by `cfg`, from the disk cache when the inputs and settings are unchanged."""
+    if cfg.dataset == "synthetic":
+        files: dict[str, Path] = {}
+    else:
+        files = _input_files(cfg)
+    entry = cache_root() / "datasets" / f"{cfg.dataset}-{_cache_key(cfg, files)[:24]}.npz"
+    data = _read_cache(entry)
+    if data is None:
+        data = _synthetic(cfg) if cfg.dataset == "synthetic" else _from_files(cfg, files)
+        data = dataclasses.replace(data, report={"dataset": cfg.dataset, **data.report})
+        _write_cache(entry, data)
+    return data
+
+
+def cache_root() -> Path:
+    """`$FEDREC_CACHE`, else ~/.cache/fedrec: cleaned datasets and downloads live below it."""
+    return Path(os.environ.get("FEDREC_CACHE") or Path.home() / ".cache" / "fedrec").expanduser()
+
+
+def _input_files(cfg: Config) -> dict[str, Path]:
+    """The ratings file (key "ratings") and, where the dataset has one, the titles file."""
+    if cfg.dataset in RATINGS_FILES:
+        return _movielens_files(cfg)
+    if not cfg.data_dir:
+        raise DataError(f"dataset {cfg.dataset!r} needs --data-dir pointing at the file")
+    path = Path(cfg.data_dir).expanduser()
+    if path.is_dir():
+        raise DataError(f"{path} is a folder: for dataset {cfg.dataset!r} pass the file itself as --data-dir")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return {"ratings": path}
+
+
+def _movielens_files(cfg: Config) -> dict[str, Path]:
+    """MovieLens inputs from --data-dir (the dataset's folder or its ratings file), else downloaded."""
+    if not cfg.data_dir:
+        folder, ratings = fetch_movielens(cfg.dataset, cache_root() / "downloads"), None
+    else:
+        given = Path(cfg.data_dir).expanduser()
+        if not given.exists():
+            raise DataError(f"{given}: data dir not found")
+        folder, ratings = (given.parent, given) if given.is_file() else (given, None)
+    files = {"ratings": ratings or _find_ratings(cfg.dataset, folder)}
+    titles = folder / _TITLE_FILES[_format(cfg.dataset)]
+    if titles.is_file():
+        files["titles"] = titles
+    return files
+
+
+def _find_ratings(dataset: str, folder: Path) -> Path:
+    """The ratings file in `folder`; for ml-1m the partial file (partial/*.dat.gz, as kept in the
+    shared data) is accepted when the full one is absent, and the report's source names it."""
+    names = RATINGS_FILES[dataset]
+    candidates = [folder / name for name in names]
+    if dataset == "ml-1m":
+        candidates += sorted(folder.glob("partial/*.dat.gz"))
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise DataError(f"{folder}: no {' or '.join(names)} found; pass the {dataset} folder as --data-dir")
+
+
+def _format(dataset: str) -> str:
+    """The loader format of a dataset name."""
+    return "ml-latest" if dataset.startswith("ml-latest") else dataset
+
+
+def _from_files(cfg: Config, files: dict[str, Path]) -> SequenceData:
+    loaded = read_interactions(_format(cfg.dataset), files["ratings"], sep=cfg.csv_sep,
+                               user_col=cfg.csv_user_col, item_col=cfg.csv_item_col,
+                               time_col=cfg.csv_time_col, rating_col=cfg.csv_rating_col)
+    data = clean(loaded, min_rating=cfg.min_rating, kcore=cfg.kcore)
+    if "titles" not in files:
+        return data
+    titles = read_titles(_format(cfg.dataset), files["titles"])
+    titles = titles[~titles.index.duplicated()]
+    return dataclasses.replace(data, titles=titles.reindex(data.item_ids).fillna("").to_numpy(dtype=str))
+
+
+def _synthetic(cfg: Config) -> SequenceData:
+    sequences, item_groups = generate(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_groups,
+                                      cfg.synthetic_min_len, cfg.synthetic_max_len, cfg.seed)
+    interactions = sum(len(s) for s in sequences)
+    report = {"source": f"synthetic: {cfg.synthetic_users} users, {cfg.synthetic_items} items, "
+                        f"{cfg.synthetic_groups} groups, seed {cfg.seed}",
+              "rows_read": interactions, "removed": {}, "malformed_lines": [], "kept": interactions}
+    return SequenceData(sequences, cfg.synthetic_items, np.arange(len(sequences)).astype(str),
+                        np.arange(1, cfg.synthetic_items + 1).astype(str), None, report, item_groups)
+
+
+# --------------------------------------------------------------------------- cleaning
+
+
+def clean(loaded: Loaded, *, min_rating: float, kcore: int) -> SequenceData:
+    """Chronological sequences from a loader's output (table of user, item, rating, timestamp).
+
+    Steps, each counted in `report["removed"]` (rows removed): malformed rows (already dropped by
+    the loader), exact duplicates (same user, item, rating and timestamp), ratings below
+    `min_rating` (when > 0 and the format has ratings), the k-core repeated until stable (every
+    user and item keeps >= kcore interactions; 0 disables), then users with fewer than
+    MIN_SEQUENCE interactions (and the k-core again if that broke it). Each user's items are
+    ordered by time, ties kept in file order. Items are numbered 1..N and users 0..U-1 in order of
+    their raw ids (numeric when all ids are numbers).
+    """
+    df = loaded.frame
+    rows_read = len(df) + loaded.malformed
+    removed = {"malformed": loaded.malformed}
+    unique = ~df.duplicated(["user", "item", "rating", "timestamp"])
+    removed["duplicates"] = int((~unique).sum())
+    df = df[unique]
+    if min_rating > 0 and df["rating"].notna().any():
+        liked = df["rating"].to_numpy() >= min_rating
+        removed["below_min_rating"] = int((~liked).sum())
+        df = df[liked]
+    else:
+        removed["below_min_rating"] = 0
+
+    users, user_raw = pd.factorize(df["user"])
+    items, item_raw = pd.factorize(df["item"])
+    keep = np.ones(len(df), dtype=bool)
+    removed["kcore"] = removed["short_users"] = 0
+    while True:
+        rare = _rare(users, keep, kcore) | _rare(items, keep, kcore)
+        if rare.any():
+            keep &= ~rare
+            removed["kcore"] += int(rare.sum())
+            continue
+        short = _rare(users, keep, MIN_SEQUENCE)
+        if not short.any():
+            break
+        keep &= ~short
+        removed["short_users"] += int(short.sum())
+    if not keep.any():
+        raise DataError(f"no interactions left after cleaning (kcore={kcore}, min_rating={min_rating}); "
+                        f"removed: {', '.join(f'{k} {v}' for k, v in removed.items())}")
+
+    user_rank, user_ids = _ranks(users[keep], np.asarray(user_raw, dtype=str))
+    item_rank, item_ids = _ranks(items[keep], np.asarray(item_raw, dtype=str))
+    user = user_rank[users[keep]]
+    order = np.lexsort((np.arange(len(user)), df["timestamp"].to_numpy()[keep], user))
+    flat = item_rank[items[keep]][order] + 1
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=len(user_ids)))])
+    report = {"source": loaded.source, "rows_read": rows_read, "removed": removed,
+              "malformed_lines": list(loaded.malformed_lines), "kept": len(flat)}
+    return SequenceData(_split_flat(flat.astype(np.int64), offsets), len(item_ids), user_ids, item_ids,
+                        None, report)
+
+
+def _rare(codes: np.ndarray, keep: np.ndarray, minimum: int) -> np.ndarray:
+    """Kept rows whose code occurs fewer than `minimum` times among the kept rows."""
+    counts = np.bincount(codes[keep], minlength=codes.max() + 1 if len(codes) else 0)
+    return keep & (counts[codes] < minimum)
+
+
+def _ranks(codes: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense 0-based rank of each used code in raw-id order, and the used raw ids in that order.
+
+    Raw ids sort as numbers when all are numbers (so "10" follows "9"), else as strings; a fixed
+    order makes ids independent of file order.
+    """
+    used = np.unique(codes)
+    ids = raw[used]
+    numbers = pd.to_numeric(pd.Series(ids), errors="coerce").to_numpy(dtype=float)
+    order = np.lexsort((ids, numbers)) if not np.isnan(numbers).any() else np.argsort(ids, kind="stable")
+    rank = np.full(len(raw), -1, dtype=np.int64)
+    rank[used[order]] = np.arange(len(used))
+    return rank, ids[order]
+
+
+def _split_flat(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    return np.split(flat, offsets[1:-1])
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _cache_key(cfg: Config, files: dict[str, Path]) -> str:
+    """Hash of the input bytes and of every setting that changes the result."""
+    settings: dict[str, object] = {"version": CACHE_VERSION, "dataset": cfg.dataset}
+    if cfg.dataset == "synthetic":
+        settings.update(users=cfg.synthetic_users, items=cfg.synthetic_items, groups=cfg.synthetic_groups,
+                        min_len=cfg.synthetic_min_len, max_len=cfg.synthetic_max_len, seed=cfg.seed)
+    else:
+        settings.update(kcore=cfg.kcore, min_rating=cfg.min_rating)
+        for role, path in sorted(files.items()):  # the path too, so that the report names it
+            settings[role] = [str(path.resolve()), _file_digest(path)]
+    if cfg.dataset == "csv":
+        settings.update(sep=cfg.csv_sep, user=cfg.csv_user_col, item=cfg.csv_item_col,
+                        time=cfg.csv_time_col, rating=cfg.csv_rating_col)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_cache(entry: Path, data: SequenceData) -> None:
+    """Save as npz (flat items + offsets + ids + titles, report as JSON) via a temp file and an
+    atomic rename, so a crash never leaves a half-written entry under the final name."""
+    arrays = {
+        "items": np.concatenate(data.sequences) if data.sequences else np.zeros(0, np.int64),
+        "offsets": np.concatenate([[0], np.cumsum([len(s) for s in data.sequences])]).astype(np.int64),
+        "num_items": np.array(data.num_items),
+        "user_ids": data.user_ids, "item_ids": data.item_ids,
+        "report": np.array(json.dumps(data.report)),
+    }
+    if data.titles is not None:
+        arrays["titles"] = data.titles
+    if data.item_groups is not None:
+        arrays["item_groups"] = data.item_groups
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=entry.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, entry)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError:
+        pass  # an unwritable cache only costs a rebuild next time
+
+
+def _read_cache(entry: Path) -> SequenceData | None:
+    """The cached dataset, or None when absent or unreadable (a corrupt entry is just rebuilt)."""
+    try:
+        with np.load(entry, allow_pickle=False) as z:
+            items, offsets = z["items"], z["offsets"]
+            if offsets[-1] != len(items) or len(offsets) != len(z["user_ids"]) + 1:
+                return None
+            return SequenceData(_split_flat(items, offsets), int(z["num_items"]), z["user_ids"],
+                                z["item_ids"], z["titles"] if "titles" in z else None,
+                                json.loads(str(z["report"])), z["item_groups"] if "item_groups" in z else None)
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+# --------------------------------------------------------------------------- split and model inputs
+
+
+def train_part(seq: np.ndarray) -> np.ndarray:
+    """The items a model may train on: all but the validation and test targets."""
+    return seq[:-2]
+
+
+def eval_examples(sequences: list[np.ndarray], split: Literal["valid", "test"],
+                  max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One example per user: (inputs, lengths, targets).
+
+    Validation reads s[:-2] and predicts s[-2]; test reads s[:-1] and predicts s[-1]. `inputs` is
+    int64 (U, max_len) holding the last max_len input items left-aligned, right-padded with 0;
+    `lengths` counts the real items.
+    """
+    if split not in ("valid", "test"):
+        raise DataError(f"split must be 'valid' or 'test', got {split!r}")
+    flat, offsets = _flatten(sequences)
+    sizes = np.diff(offsets) - (2 if split == "valid" else 1)  # input length per user
+    if len(sizes) and sizes.min() < 1:
+        raise DataError(f"every sequence needs at least {MIN_SEQUENCE} items for leave-one-out")
+    lengths = np.minimum(sizes, max_len)
+    starts = offsets[:-1] + sizes - lengths
+    return _gather(flat, starts, lengths, max_len), lengths, flat[offsets[:-1] + sizes]
+
+
+def training_windows(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
+    """Training examples: int64 (W, max_len + 1), right-padded with 0.
+
+    One example (the unit differential privacy protects) is one window: up to max_len + 1
+    consecutive items of one user's training part (`train_part`). The model reads window[:-1] and
+    predicts window[1:] at every non-pad position. Windows are cut from the END of the training
+    part (the most recent items fill whole windows, the oldest window may be short) and
+    consecutive windows share exactly one item, so every training item but the first is a
+    target exactly once. Windows with fewer than 2 items are dropped. Rows are ordered by user,
+    then oldest window first. E.g. training part 1..7 with max_len 3 gives [1,2,3,4], [4,5,6,7].
+    """
+    flat, offsets = _flatten([train_part(s) for s in sequences])
+    sizes = np.diff(offsets)
+    counts = np.where(sizes >= 2, (sizes - 2) // max_len + 1, 0)  # windows end at n, n - max_len, ... >= 2
+    user = np.repeat(np.arange(len(sizes)), counts)
+    oldest_first = np.arange(len(user)) - np.repeat(np.cumsum(counts) - counts, counts)
+    ends = sizes[user] - (counts[user] - 1 - oldest_first) * max_len
+    starts = np.maximum(ends - (max_len + 1), 0)
+    return _gather(flat, offsets[user] + starts, ends - starts, max_len + 1)
+
+
+def popularity(sequences: list[np.ndarray], num_items: int) -> np.ndarray:
+    """Interaction count of every item over the training parts only (index 0 = padding = 0)."""
+    flat, _ = _flatten([train_part(s) for s in sequences])
+    return np.bincount(flat, minlength=num_items + 1)
+
+
+def _flatten(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences], dtype=np.int64)]).astype(np.int64)
+    flat = np.concatenate(sequences).astype(np.int64) if sequences else np.zeros(0, np.int64)
+    return flat, offsets
+
+
+def _gather(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """Rows flat[start : start + length], left-aligned in a zero matrix of the given width."""
+    columns = np.arange(width)
+    inside = columns[None, :] < lengths[:, None]
+    index = np.where(inside, starts[:, None] + columns[None, :], 0)
+    return np.where(inside, flat[index] if len(flat) else 0, 0).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def stats(data: SequenceData) -> dict:
+    """Size, density and sequence-length distribution, with the cleaning report (`fedrec data stats`)."""
+    lengths = np.array([len(s) for s in data.sequences])
+    users, interactions = len(lengths), int(lengths.sum())
+    quantiles = {f"{int(q * 100)}%": float(np.percentile(lengths, q * 100)) for q in (0.25, 0.5, 0.75, 0.9)}
+    return {
+        "dataset": data.report.get("dataset", ""),
+        "users": users, "items": data.num_items, "interactions": interactions,
+        "density": interactions / (users * data.num_items) if users and data.num_items else 0.0,
+        "length": {"min": int(lengths.min()), **quantiles, "max": int(lengths.max()),
+                   "mean": float(lengths.mean())},
+        "report": data.report,
+    }

@@ -1,0 +1,300 @@
+"""Full-ranking evaluation of next-item prediction, one held-out target per user.
+
+This is RecBole's sequential leave-one-out protocol: each user's target is ranked against all N
+items, with no sampled negatives (sampling inflates the numbers and can even reorder models).
+
+Conventions the rest of fedrec relies on:
+- Item ids are 1..N. Column 0 of a score matrix is the padding item; it is set to -inf before
+  ranking, so it is never recommended whatever score a model gives it.
+- Order: score descending, ties broken by item id ascending, i.e. what a stable descending sort
+  gives. The target's rank is computed in closed form, 1 + #(s > s_t) + #(s == s_t and id < t),
+  and the top-K lists (`top_k_items`) in the same order, so a hit and the list it is counted in
+  always agree. Serving should rank with `top_k_items` as well (after setting column 0 to
+  -inf), so users are shown exactly the lists that were evaluated.
+  Breaking ties by id rather than at random keeps every result reproducible.
+- A score of -inf means "not recommendable": a target scored -inf is a miss at every K (even
+  K >= N), and -inf items never count towards coverage.
+- History masking is off by default, as in RecBole's sequential setting, where a user may well
+  consume an item again. With it on, the user's history items are scored -inf, so a target that
+  is itself in the history becomes a miss.
+- Metrics are means over users. With one target per user, recall@K equals HR@K, precision@K is
+  HR@K / K and F1@K (2PR / (P + R) on a hit, 0 on a miss) is HR@K * 2 / (K + 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULT_KS: tuple[int, ...] = (5, 10, 20)
+
+_NEG_INF = float("-inf")
+
+
+class RankingAccumulator:
+    """Running sums of ranking metrics, fed one batch of users at a time.
+
+    Only per-K sums and a boolean "recommended at least once" vector per K are kept, so a 22k-user
+    by 12k-item evaluation never holds more than one batch of scores.
+    """
+
+    def __init__(
+        self, num_items: int, ks: Sequence[int] = DEFAULT_KS, mask_history: bool = False
+    ) -> None:
+        if num_items < 1:
+            raise ValueError(f"num_items must be at least 1, got {num_items}")
+        ks = tuple(sorted({int(k) for k in ks}))
+        if not ks or ks[0] < 1:
+            raise ValueError(f"ks must be positive cut-offs, got {ks}")
+        self.num_items = num_items
+        self.ks = ks
+        self.mask_history = mask_history
+        self._users = 0
+        self._hits = dict.fromkeys(ks, 0.0)
+        self._ndcg = dict.fromkeys(ks, 0.0)
+        self._mrr = dict.fromkeys(ks, 0.0)
+        # Kept on the CPU whatever device the scores are on: only top-K ids travel there.
+        self._recommended = {k: torch.zeros(num_items + 1, dtype=torch.bool) for k in ks}
+
+    def add(
+        self, scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None = None
+    ) -> None:
+        """Add a batch: float scores (B, N+1), targets (B,) in 1..N, history (B, L) padded with 0.
+
+        `history` is only read when masking is on, and is required then. The caller's scores are
+        not modified.
+        """
+        if scores.ndim != 2 or scores.shape[1] != self.num_items + 1:
+            raise ValueError(
+                f"scores must have shape (batch, {self.num_items + 1}), got {tuple(scores.shape)}"
+            )
+        batch = scores.shape[0]
+        targets = torch.as_tensor(targets, dtype=torch.long, device=scores.device)
+        if targets.shape != (batch,):
+            raise ValueError(f"targets must have shape ({batch},), got {tuple(targets.shape)}")
+        if batch == 0:
+            return
+        if targets.min() < 1 or targets.max() > self.num_items:
+            raise ValueError(f"targets must be item ids in 1..{self.num_items}")
+        # A NaN compares false with everything, so a NaN target would silently rank first.
+        if torch.isnan(scores).any():
+            raise ValueError("scores contain NaN (did training diverge?)")
+
+        scores = scores.detach().clone()
+        scores[:, 0] = _NEG_INF
+        if self.mask_history:
+            if history is None:
+                raise ValueError("mask_history=True needs the users' history")
+            history = torch.as_tensor(history, dtype=torch.long, device=scores.device)
+            if history.ndim != 2 or history.shape[0] != batch:
+                raise ValueError(
+                    f"history must have shape ({batch}, L), got {tuple(history.shape)}"
+                )
+            scores.scatter_(1, history, _NEG_INF)  # pad entries hit column 0, already -inf
+
+        ranks = _target_ranks(scores, targets)
+        top_items = top_k_items(scores, self.ks[-1])
+        top_recommendable = scores.gather(1, top_items) > _NEG_INF
+        for k in self.ks:
+            hit = ranks <= k
+            self._hits[k] += hit.sum().item()
+            self._ndcg[k] += torch.where(hit, 1.0 / torch.log2(ranks + 1.0), 0.0).sum().item()
+            self._mrr[k] += torch.where(hit, 1.0 / ranks, 0.0).sum().item()
+            listed = top_items[:, :k][top_recommendable[:, :k]]
+            self._recommended[k][listed.cpu()] = True
+        self._users += batch
+
+    def result(self) -> dict[str, float]:
+        """Means over all users added so far, plus "users"; raises if no user was added.
+
+        An empty evaluation has no meaningful mean, and returning zeros would read as a model that
+        never hits; callers with no users (e.g. a client without test users) should skip it.
+        """
+        if self._users == 0:
+            raise ValueError("no users were added; there is nothing to evaluate")
+        users = self._users
+        hr = {k: self._hits[k] / users for k in self.ks}
+        metrics: dict[str, float] = {}
+        metrics.update({f"hr@{k}": hr[k] for k in self.ks})
+        metrics.update({f"ndcg@{k}": self._ndcg[k] / users for k in self.ks})
+        metrics.update({f"mrr@{k}": self._mrr[k] / users for k in self.ks})
+        metrics.update({f"precision@{k}": hr[k] / k for k in self.ks})
+        metrics.update({f"recall@{k}": hr[k] for k in self.ks})
+        metrics.update({f"f1@{k}": hr[k] * 2.0 / (k + 1) for k in self.ks})
+        metrics.update(
+            {
+                f"coverage@{k}": self._recommended[k][1:].sum().item() / self.num_items
+                for k in self.ks
+            }
+        )
+        metrics["users"] = float(users)
+        return metrics
+
+
+def _target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1-based rank (float64, B) of each target in the stable descending order; inf if -inf.
+
+    Counting is O(N) per user instead of a sort, and matches the stable sort's tie order exactly.
+    """
+    target_scores = scores.gather(1, targets.unsqueeze(1))
+    ids = torch.arange(scores.shape[1], device=scores.device)
+    ahead = (scores > target_scores) | ((scores == target_scores) & (ids < targets.unsqueeze(1)))
+    ranks = 1.0 + ahead.sum(dim=1, dtype=torch.float64)
+    return ranks.masked_fill(target_scores.squeeze(1) == _NEG_INF, float("inf"))
+
+
+def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids (B, min(k, N+1)) of each row's k best items, best first, ties by id ascending.
+
+    Exactly `torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]`, but about
+    five times faster on a 12k-item CPU batch: only the k best are found and sorted. The items
+    scored above the k-th best value are all in; ties at that value are filled in by id. Scores
+    must not contain NaN. Entries of -inf (padding, masked items) fill a row that has fewer
+    than k other items; they are not recommendations.
+    """
+    k = min(k, scores.shape[1])
+    best = torch.topk(scores, k, dim=1, sorted=False).values
+    threshold = best.amin(dim=1, keepdim=True)
+    room = (best == threshold).sum(dim=1, keepdim=True)  # tied slots left after the items above
+    tied = scores == threshold
+    chosen = (scores > threshold) | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= room))
+    ids = chosen.nonzero()[:, 1].reshape(scores.shape[0], k)  # exactly k per row, by id
+    order = torch.sort(scores.gather(1, ids), dim=1, descending=True, stable=True).indices
+    return ids.gather(1, order)
+
+
+def evaluate_scores(
+    score_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    num_items: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    mask_history: bool = False,
+) -> dict[str, float]:
+    """Metrics over batches of (scores (B, N+1), targets (B,), history (B, L) or None)."""
+    accumulator = RankingAccumulator(num_items, ks, mask_history)
+    for scores, targets, history in score_batches:
+        accumulator.add(scores, targets, history)
+    return accumulator.result()
+
+
+def popularity_scores(counts: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The most-popular baseline's scores: the count row (N+1,) as a (batch_size, N+1) view.
+
+    The padding entry (counts[0]) is set to -inf so the row is safe to rank on its own. Counts
+    are kept in float64, exact for any realistic count. The result is an expanded view of one
+    row: read it, do not write to it.
+    """
+    row = torch.as_tensor(counts, dtype=torch.float64).clone()
+    if row.ndim != 1:
+        raise ValueError(f"counts must be a vector (N+1,), got shape {tuple(row.shape)}")
+    row[0] = _NEG_INF
+    return row.unsqueeze(0).expand(batch_size, -1)
+
+
+def evaluate_popularity(
+    counts: np.ndarray | torch.Tensor,
+    targets: np.ndarray,
+    num_items: int,
+    *,
+    inputs: np.ndarray | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    mask_history: bool = False,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Metrics of recommending the same most-popular list to every user.
+
+    `counts` (N+1,) should come from training interactions only, or the baseline sees the
+    targets. `inputs` (U, L), the users' right-padded histories, is needed only for masking.
+    """
+    if mask_history and inputs is None:
+        raise ValueError("mask_history=True needs the users' histories (inputs)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    accumulator = RankingAccumulator(num_items, ks, mask_history)
+    row = popularity_scores(counts, batch_size)
+    for start in range(0, len(targets), batch_size):
+        batch_targets = torch.as_tensor(targets[start : start + batch_size], dtype=torch.long)
+        history = None
+        if inputs is not None:
+            history = torch.as_tensor(inputs[start : start + batch_size], dtype=torch.long)
+        accumulator.add(row[: len(batch_targets)], batch_targets, history)
+    return accumulator.result()
+
+
+def evaluate_model(
+    model: nn.Module,
+    inputs: np.ndarray,
+    lengths: np.ndarray,
+    targets: np.ndarray,
+    num_items: int,
+    *,
+    batch_size: int = 512,
+    ks: Sequence[int] = DEFAULT_KS,
+    mask_history: bool = False,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Metrics of a model that has `last_scores(items (B, L), lengths (B,)) -> (B, N+1)`.
+
+    `inputs` (U, L) are right-padded histories, `lengths` (U,) their real lengths (at least 1)
+    and `targets` (U,) the held-out next items. The model must already be on `device`; it is
+    run in eval mode without gradients, and its previous training mode is restored afterwards
+    (even on error), so evaluating in the middle of training is safe.
+    """
+    inputs, lengths, targets = np.asarray(inputs), np.asarray(lengths), np.asarray(targets)
+    users = len(targets)
+    if inputs.ndim != 2 or inputs.shape[0] != users or lengths.shape != (users,):
+        raise ValueError(
+            f"inputs (U, L), lengths (U,) and targets (U,) disagree: {inputs.shape}, "
+            f"{lengths.shape}, {targets.shape}"
+        )
+    # A length of 0 would make the model read position -1, i.e. the last padding slot.
+    if users and (lengths.min() < 1 or lengths.max() > inputs.shape[1]):
+        raise ValueError(f"lengths must lie in 1..{inputs.shape[1]}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+    accumulator = RankingAccumulator(num_items, ks, mask_history)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, users, batch_size):
+                batch = slice(start, start + batch_size)
+                items = torch.as_tensor(inputs[batch], dtype=torch.long, device=device)
+                batch_lengths = torch.as_tensor(lengths[batch], dtype=torch.long, device=device)
+                batch_targets = torch.as_tensor(targets[batch], dtype=torch.long, device=device)
+                accumulator.add(model.last_scores(items, batch_lengths), batch_targets, items)
+    finally:
+        model.train(was_training)
+    return accumulator.result()
+
+
+def mean_metrics(results: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """Weighted mean of metric dicts, weights being user counts; "users" becomes their total.
+
+    Used to aggregate per-client evaluations. Every metric here except coverage is a mean over
+    users, so the user-weighted mean of client results equals the metric over all their users.
+    Coverage is left out: the share of items recommended to anyone is a union over clients,
+    and a mean of per-client coverages is at most the largest client's coverage, so it would
+    understate the real figure under the same name and not be comparable with a centralised
+    coverage. Computing it exactly would need clients to send the items they recommend, which
+    leaks their users' tastes; exact coverage comes from a centralised evaluation instead.
+    All dicts must have the same keys.
+    """
+    total = sum(weight for _, weight in results)
+    if not results or total <= 0:
+        raise ValueError("mean_metrics needs at least one result with a positive weight")
+    if any(weight < 0 for _, weight in results):
+        raise ValueError("weights (user counts) cannot be negative")
+    keys = list(results[0][0])
+    if any(set(metrics) != set(keys) for metrics, _ in results):
+        raise ValueError("all metric dicts must have the same keys")
+    averaged = {
+        key: sum(metrics[key] * weight for metrics, weight in results) / total
+        for key in keys
+        if key != "users" and not key.startswith("coverage@")
+    }
+    averaged["users"] = float(total)
+    return averaged

@@ -1,0 +1,127 @@
+"""The attention-LSTM next-item model, built so that Opacus can train it privately.
+
+Items are embedded, an LSTM reads the history, and additive attention lets each position look
+back over the hidden states so far:
+
+    score_{t,i} = vᵀ tanh(W_h h_i + W_q h_t),   i ≤ t (and i not padding)
+    c_t = Σ_i softmax(score_t)_i h_i
+    z_t = tanh(W_o [c_t; h_t])
+    logits_t = z_t Eᵀ  (E the item embedding when weights are tied)
+
+Why it looks the way it does:
+- The LSTM is `opacus.layers.DPLSTM`, so the same state_dict serves a plain and a DP-wrapped
+  model (Opacus cannot compute per-sample gradients through `nn.LSTM`).
+- Sequences are right-padded and padding is masked out of attention and loss. No PackedSequence
+  (Opacus clips the wrong per-sample gradients when it reorders) and no left padding (the pad
+  embedding would then receive gradient and noise through the LSTM).
+- Attention is causal, so every position of a training window is a next-item target of its own
+  (the whole window trains in one pass), and the last position is exactly what serving computes.
+- The output layer may share the item embedding (`tie_weights`): half the parameters, which
+  matters under DP where noise is added to every parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from opacus.layers import DPLSTM
+from torch import nn
+
+from common.config import Config
+from common.metrics import top_k_items
+
+
+class AttentionLSTM(nn.Module):
+    def __init__(
+        self,
+        num_items: int,
+        embedding_dim: int = 64,
+        hidden_dim: int = 64,
+        dropout: float = 0.2,
+        tie_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_items = num_items
+        self.item_embedding = nn.Embedding(num_items + 1, embedding_dim, padding_idx=0)
+        self.lstm = DPLSTM(embedding_dim, hidden_dim, batch_first=True)
+        self.attn_key = nn.Linear(hidden_dim, hidden_dim, bias=False)  # W_h
+        self.attn_query = nn.Linear(hidden_dim, hidden_dim)  # W_q
+        self.attn_score = nn.Linear(hidden_dim, 1, bias=False)  # v
+        self.combine = nn.Linear(2 * hidden_dim, embedding_dim)  # W_o
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(embedding_dim, num_items + 1, bias=False)
+        if tie_weights:
+            self.head.weight = self.item_embedding.weight
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """Next-item logits at every position: (B, L) right-padded ids -> (B, L, N+1)."""
+        states, mask = self._encode(items)
+        length = items.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+        allowed = causal.unsqueeze(0) & mask.unsqueeze(1)  # (B, query t, key i)
+        context, _ = self._attend(states, states, allowed)
+        return self.head(self._combine(context, states))
+
+    def last_scores(
+        self, items: torch.Tensor, lengths: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Scores of the item that follows each user's last real position: (B, N+1).
+
+        With `return_attention`, also the attention each past position received (B, L), which
+        explains a recommendation by the history items it drew on.
+        """
+        states, mask = self._encode(items)
+        last = states[torch.arange(items.shape[0], device=items.device), lengths - 1]  # (B, H)
+        context, weights = self._attend(states, last.unsqueeze(1), mask.unsqueeze(1))
+        scores = self.head(self._combine(context, last.unsqueeze(1))).squeeze(1)
+        return (scores, weights.squeeze(1)) if return_attention else scores
+
+    def _encode(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        states, _ = self.lstm(self.dropout(self.item_embedding(items)))
+        return states, items != 0
+
+    def _attend(
+        self, keys: torch.Tensor, queries: torch.Tensor, allowed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive attention of each query over the allowed keys: context (B, Q, H), weights (B, Q, L)."""
+        energy = torch.tanh(self.attn_key(keys).unsqueeze(1) + self.attn_query(queries).unsqueeze(2))
+        scores = self.attn_score(energy).squeeze(-1).masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        return weights @ keys, weights
+
+    def _combine(self, context: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(torch.tanh(self.combine(torch.cat([context, states], dim=-1))))
+
+
+def build_model(cfg: Config, num_items: int) -> AttentionLSTM:
+    """The model a run config describes; the server and every client build it the same way."""
+    return AttentionLSTM(num_items, cfg.embedding_dim, cfg.hidden_dim, cfg.dropout, cfg.tie_weights)
+
+
+def window_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Mean over windows of each window's mean next-item cross-entropy.
+
+    A window (B, L+1) is read as inputs window[:, :-1] and targets window[:, 1:]; padding targets
+    (0) do not count. Averaging inside a window first makes the batch loss a mean of per-window
+    losses, which is the reduction Opacus's per-sample clipping assumes (`loss_reduction="mean"`).
+    """
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    logits = model(inputs)
+    token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=0, reduction="none")
+    per_window = token_loss.sum(1) / (targets != 0).sum(1).clamp(min=1)
+    return per_window.mean()
+
+
+@torch.no_grad()
+def recommend(
+    model: AttentionLSTM, history: list[int], k: int, max_len: int
+) -> tuple[list[int], list[float], list[float]]:
+    """Top-k next items for one history of item ids (1..N), best first, and the attention each
+    of the last `max_len` history items received. Padding (0) is never recommended."""
+    model.eval()
+    recent = history[-max_len:]
+    items = torch.tensor([recent], dtype=torch.long)
+    scores, attention = model.last_scores(items, torch.tensor([len(recent)]), return_attention=True)
+    scores[:, 0] = float("-inf")
+    order = top_k_items(scores, min(k, model.num_items))[0]
+    return order.tolist(), scores[0, order].tolist(), attention[0].tolist()

@@ -1,0 +1,165 @@
+"""The `fedrec` command line: thin wrappers over the jobs in common/, client/, server/ and simulation/.
+
+Every option mirrors a key of the Flower run config (`[tool.flwr.app.config]` in pyproject.toml);
+an option left out keeps that default, so `fedrec` and `flwr run .` agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.artifacts import ITEMS, MODEL, OutputExistsError, read_json
+from common.config import Config, ConfigError, defaults
+from common.dataset import DataError, load_dataset, stats
+
+app = typer.Typer(help="Privacy-preserving federated next-item recommendation.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Inspect data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+USER_ERRORS = (ConfigError, DataError, OutputExistsError)
+D = defaults()
+
+
+def _opt(key: str, help: str, *decls: str) -> Any:
+    return typer.Option(*decls, help=f"{help} [default: {D[key]!r}]", show_default=False)
+
+
+# Options shared by every command that loads data (default None = the run config's value).
+Dataset = Annotated[Optional[str], _opt("dataset", "synthetic, ml-100k, ml-1m, ml-latest-small, ml-latest, seq, inter or csv")]
+DataDir = Annotated[Optional[str], _opt("data-dir", "Folder (or file, for seq/inter/csv) with the data; empty downloads MovieLens")]
+Kcore = Annotated[Optional[int], _opt("kcore", "Keep users and items with at least N interactions (0 disables)")]
+MinRating = Annotated[Optional[float], _opt("min-rating", "Keep ratings >= this as implicit feedback (0 keeps all)")]
+MaxLen = Annotated[Optional[int], _opt("max-len", "Items of history the model reads")]
+Seed = Annotated[Optional[int], _opt("seed", "Seed of data generation, partitioning and training")]
+Out = Annotated[Path, typer.Option(help="Folder for config.json, metrics.jsonl, summary.json, model.pt")]
+
+
+def _config(**options: Any) -> Config:
+    """Run-config defaults overridden by the options the user gave."""
+    return Config.from_run_config({}, **{k.replace("_", "-"): v for k, v in options.items()})
+
+
+@app.command("train")
+def train_command(
+    out: Out = Path("runs/centralized"),
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    kcore: Kcore = None,
+    min_rating: MinRating = None,
+    max_len: MaxLen = None,
+    seed: Seed = None,
+    epochs: Annotated[Optional[int], _opt("epochs", "Most epochs (early stopping on validation NDCG@10)")] = None,
+    batch_size: Annotated[Optional[int], _opt("batch-size", "Windows per batch (expected size under DP)")] = None,
+    lr: Annotated[Optional[float], _opt("lr", "Adam learning rate")] = None,
+    patience: Annotated[Optional[int], _opt("patience", "Epochs without validation gain before stopping")] = None,
+    embedding_dim: Annotated[Optional[int], _opt("embedding-dim", "Item embedding width")] = None,
+    hidden_dim: Annotated[Optional[int], _opt("hidden-dim", "LSTM width")] = None,
+    dropout: Annotated[Optional[float], _opt("dropout", "Dropout")] = None,
+    weight_decay: Annotated[Optional[float], _opt("weight-decay", "L2 penalty")] = None,
+    dp: Annotated[Optional[bool], _opt("dp", "Train with DP-SGD (Opacus)", "--dp/--no-dp")] = None,
+    noise_multiplier: Annotated[Optional[float], _opt("noise-multiplier", "DP noise σ (0: derive from --target-epsilon)")] = None,
+    target_epsilon: Annotated[Optional[float], _opt("target-epsilon", "DP budget ε for the whole training")] = None,
+    delta: Annotated[Optional[float], _opt("delta", "DP δ")] = None,
+    max_grad_norm: Annotated[Optional[float], _opt("max-grad-norm", "DP per-window clipping norm")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines")] = False,
+) -> None:
+    """Train the model centrally (the baseline federated runs are compared with)."""
+    from simulation.centralized import train_centralized
+
+    options = {k: v for k, v in locals().items() if k not in ("out", "quiet", "train_centralized")}
+    cfg = _config(**options)
+
+    def show(r: dict[str, Any]) -> None:
+        eps = f"  ε {r['epsilon']:.2f}" if r["epsilon"] is not None else ""
+        console.print(f"epoch {r['epoch']:3d}  loss {r['loss']:.4f}  valid NDCG@10 {r['valid_ndcg@10']:.4f}"
+                      f"  HR@10 {r['valid_hr@10']:.4f}  {r['seconds']:.1f}s{eps}")
+
+    summary = train_centralized(cfg, out, on_epoch=None if quiet else show)
+    _print_summary(summary, out)
+
+
+@data_app.command("stats")
+def data_stats(
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    kcore: Kcore = None,
+    min_rating: MinRating = None,
+    seed: Seed = None,
+) -> None:
+    """Users, items, interactions, density, sequence lengths and what cleaning removed."""
+    info = stats(load_dataset(_config(**locals())))
+    table = Table("statistic", "value", title=f"data set: {info.get('dataset', '')}")
+    for key, value in _flatten(info):
+        table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command("recommend")
+def recommend_command(
+    model: Annotated[Path, typer.Option(help="Folder of a finished run (config.json, model.pt, items.json)")],
+    history: Annotated[str, typer.Option(help="Comma-separated item ids as in the data set, oldest first")],
+    k: Annotated[int, typer.Option("-k", help="How many items", min=1)] = 10,
+    explain: Annotated[bool, typer.Option(help="Show the attention each past item received")] = False,
+) -> None:
+    """Top-k next items for a history, with the model of a finished run."""
+    import torch
+
+    from common.model import build_model, recommend
+
+    for name in ("config.json", MODEL, ITEMS):
+        if not (model / name).is_file():
+            raise DataError(f"{model / name} not found: --model must be the --out folder of a finished run")
+    cfg = Config.from_run_config(read_json(model / "config.json"))
+    items = read_json(model / ITEMS)
+    index = {raw: i + 1 for i, raw in enumerate(items["item_ids"])}
+    raw_history = [h.strip() for h in history.split(",") if h.strip()]
+    unknown = [h for h in raw_history if h not in index]
+    if not raw_history or unknown:
+        raise DataError(f"unknown item ids in --history: {', '.join(unknown[:5]) or '(none given)'}")
+    net = build_model(cfg, len(items["item_ids"]))
+    net.load_state_dict(torch.load(model / MODEL, weights_only=True))
+    top, scores, attention = recommend(net, [index[h] for h in raw_history], k, cfg.max_len)
+    table = Table("rank", "item", "title", "score")
+    for rank, (item, score) in enumerate(zip(top, scores), start=1):
+        table.add_row(str(rank), items["item_ids"][item - 1], items["titles"][item - 1], f"{score:.3f}")
+    console.print(table)
+    if explain:
+        why = Table("history item", "title", "attention", title="attention over the history")
+        for raw, weight in zip(raw_history[-cfg.max_len:], attention):
+            why.add_row(raw, items["titles"][index[raw] - 1], f"{weight:.3f}")
+        console.print(why)
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    table = Table("", "HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", title=f"test metrics ({out})")
+    for name, m in (("model", summary["test"]), ("most popular", summary["popularity_test"])):
+        table.add_row(name, *(f"{m[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20")))
+    console.print(table)
+    if summary["dp"]["enabled"]:
+        console.print(f"DP: ε = {summary['dp']['epsilon']:.3f} at δ = {summary['dp']['delta']:g}"
+                      f" per {summary['dp']['unit']}")
+
+
+def _flatten(info: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for key, value in info.items():
+        if isinstance(value, dict):
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def main() -> None:
+    try:
+        app()
+    except USER_ERRORS as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,91 @@
+"""The centralized baseline: all users' training windows in one place, the same model and
+training loop as a federated client, early stopping on validation NDCG@10.
+
+It is the reference every federated number is read against, so it is evaluated by the same
+full-ranking evaluator, next to the most-popular baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from client.training import dp_unit, noise_multiplier_for, train
+from common import artifacts
+from common.config import Config
+from common.dataset import SequenceData, eval_examples, load_dataset, popularity, training_windows
+from common.metrics import evaluate_model, evaluate_popularity
+from common.model import build_model
+
+
+def train_centralized(
+    cfg: Config, out: Path, on_epoch: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Train, write config.json, metrics.jsonl, summary.json, model.pt and items.json to `out`."""
+    data = load_dataset(cfg)
+    windows = training_windows(data.sequences, cfg.max_len)
+    valid = eval_examples(data.sequences, "valid", cfg.max_len)
+    test = eval_examples(data.sequences, "test", cfg.max_len)
+    model = build_model(cfg, data.num_items)
+    sigma = noise_multiplier_for(cfg, len(windows), cfg.epochs) if cfg.dp else None
+
+    with artifacts.staged_output(out) as stage:
+        artifacts.write_json(stage / artifacts.CONFIG, cfg.to_run_config())
+        best: dict[str, Any] = {"epoch": 0, "ndcg@10": -1.0}
+        train_seconds: list[float] = []
+        clock = [time.perf_counter()]
+
+        def end_of_epoch(epoch: int, loss: float, epsilon: float | None) -> bool:
+            train_seconds.append(time.perf_counter() - clock[0])
+            metrics = evaluate_model(model, *valid, data.num_items, mask_history=cfg.mask_history)
+            record = {"epoch": epoch, "loss": loss, "seconds": train_seconds[-1], "epsilon": epsilon,
+                      **{f"valid_{k}": v for k, v in metrics.items()}}
+            artifacts.append_jsonl(stage / artifacts.METRICS, record)
+            if on_epoch is not None:
+                on_epoch(record)
+            if metrics["ndcg@10"] > best["ndcg@10"]:
+                best.update(metrics, epoch=epoch, state={k: v.clone() for k, v in model.state_dict().items()})
+            clock[0] = time.perf_counter()
+            return epoch - best["epoch"] >= cfg.patience
+
+        result = train(model, windows, cfg, epochs=cfg.epochs, noise_multiplier=sigma, seed=cfg.seed,
+                       on_epoch_end=end_of_epoch)
+        model.load_state_dict(best.pop("state"))
+        summary = {
+            "dataset": cfg.dataset,
+            **_sizes(data, len(windows)),
+            "epochs": result.epochs,
+            "best_epoch": best.pop("epoch"),
+            "seconds_per_epoch": sum(train_seconds) / len(train_seconds),
+            "valid": best,
+            "test": evaluate_model(model, *test, data.num_items, mask_history=cfg.mask_history),
+            "popularity_test": evaluate_popularity(
+                popularity(data.sequences, data.num_items), test[2], data.num_items,
+                inputs=test[0], mask_history=cfg.mask_history),
+            "mask_history": cfg.mask_history,
+            "dp": _privacy(cfg, sigma, result.epsilon),
+        }
+        artifacts.write_json(stage / artifacts.SUMMARY, summary)
+        artifacts.save_model(stage / artifacts.MODEL, model)
+        write_items(stage / artifacts.ITEMS, data)
+    return summary
+
+
+def write_items(path: Path, data: SequenceData) -> None:
+    """The catalogue (raw ids and titles, no user data) that `fedrec recommend` maps ids with."""
+    titles = data.titles.tolist() if data.titles is not None else [""] * data.num_items
+    artifacts.write_json(path, {"item_ids": data.item_ids.tolist(), "titles": titles})
+
+
+def _sizes(data: SequenceData, windows: int) -> dict[str, int]:
+    return {"users": len(data.sequences), "items": data.num_items,
+            "interactions": int(sum(len(s) for s in data.sequences)), "training_windows": windows}
+
+
+def _privacy(cfg: Config, sigma: float | None, epsilon: float | None) -> dict[str, Any]:
+    if sigma is None:
+        return {"enabled": False}
+    return {"enabled": True, "epsilon": epsilon, "delta": cfg.delta, "noise_multiplier": sigma,
+            "max_grad_norm": cfg.max_grad_norm, "unit": dp_unit(cfg.max_len), "accountant": "prv"}

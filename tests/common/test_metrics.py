@@ -1,0 +1,271 @@
+"""Ranking metrics against values computed by hand on tiny score matrices."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from common.metrics import (
+    RankingAccumulator,
+    evaluate_model,
+    evaluate_popularity,
+    evaluate_scores,
+    mean_metrics,
+    popularity_scores,
+    top_k_items,
+)
+
+N = 30
+
+
+def ranked_by_id(batch: int, num_items: int = N) -> torch.Tensor:
+    """Scores under which item i has rank i (item 1 best), padding scored highest of all."""
+    row = torch.cat([torch.tensor([1000.0]), torch.arange(num_items, 0, -1, dtype=torch.float32)])
+    return row.repeat(batch, 1)
+
+
+def metrics_for(scores, targets, ks=(5, 10, 20), history=None, mask_history=False, num_items=N):
+    accumulator = RankingAccumulator(num_items, ks, mask_history)
+    accumulator.add(scores, torch.tensor(targets), history)
+    return accumulator.result()
+
+
+# Targets at ranks 1, 3, 11 and 25 among N = 30 items.
+RANKS = [1, 3, 11, 25]
+
+
+@pytest.fixture
+def ranked() -> dict[str, float]:
+    return metrics_for(ranked_by_id(4), RANKS, ks=(5, 10, 20, 25))
+
+
+def test_hit_ratio(ranked):
+    assert ranked["hr@5"] == 2 / 4
+    assert ranked["hr@10"] == 2 / 4
+    assert ranked["hr@20"] == 3 / 4
+    assert ranked["hr@25"] == 4 / 4
+    assert ranked["users"] == 4
+
+
+def test_ndcg(ranked):
+    assert ranked["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4)) / 4)
+    assert ranked["ndcg@10"] == pytest.approx(0.375)
+    assert ranked["ndcg@20"] == pytest.approx((1 + 0.5 + 1 / math.log2(12)) / 4)
+    assert ranked["ndcg@25"] == pytest.approx((1 + 0.5 + 1 / math.log2(12) + 1 / math.log2(26)) / 4)
+
+
+def test_mrr(ranked):
+    assert ranked["mrr@10"] == pytest.approx((1 + 1 / 3) / 4)
+    assert ranked["mrr@20"] == pytest.approx((1 + 1 / 3 + 1 / 11) / 4)
+    assert ranked["mrr@25"] == pytest.approx((1 + 1 / 3 + 1 / 11 + 1 / 25) / 4)
+
+
+def test_precision_recall_f1(ranked):
+    assert ranked["precision@10"] == pytest.approx(0.5 / 10)
+    assert ranked["recall@10"] == 0.5
+    # One hit: P = 1/10, R = 1, F1 = 2PR / (P + R) = 2/11; averaged with a miss (F1 0) and so on.
+    assert ranked["f1@10"] == pytest.approx((2 / 11 + 2 / 11 + 0 + 0) / 4)
+    assert ranked["f1@20"] == pytest.approx(3 * (2 * (1 / 20) / (1 / 20 + 1)) / 4)
+
+
+def test_padding_is_never_recommended(ranked):
+    # Padding scored 1000 in every row, yet the target item 1 is still rank 1 and the
+    # top-10 lists are items 1..10 only.
+    assert ranked["mrr@5"] == pytest.approx((1 + 1 / 3) / 4)
+    assert ranked["coverage@10"] == pytest.approx(10 / N)
+
+
+def test_ties_rank_lower_ids_first():
+    # Items 2, 3, 4 tie on score 2; item 4 follows 2 and 3, item 1 (score 1) follows all three.
+    scores = torch.tensor([[5.0, 1.0, 2.0, 2.0, 2.0, 0.0]])
+    result = metrics_for(scores, [4], ks=(1, 2, 3), num_items=5)
+    assert (result["hr@2"], result["hr@3"]) == (0.0, 1.0)
+    assert result["mrr@3"] == pytest.approx(1 / 3)
+    assert result["coverage@1"] == pytest.approx(1 / 5)  # the list is [2], not [3] or [4]
+
+    all_equal = metrics_for(torch.zeros(3, 6), [1, 3, 5], ks=(1, 3), num_items=5)
+    assert all_equal["hr@1"] == pytest.approx(1 / 3)
+    assert all_equal["hr@3"] == pytest.approx(2 / 3)
+
+
+def test_ranks_agree_with_the_top_k_lists():
+    """Hit by closed-form rank <=> target in the stable-sorted top-K list, on heavy ties."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (50, 13), generator=generator).float()
+    targets = torch.randint(1, 13, (50,), generator=generator)
+    masked = scores.clone()
+    masked[:, 0] = float("-inf")
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    for k in (1, 2, 5, 12):
+        expected = (order[:, :k] == targets.unsqueeze(1)).any(dim=1).float().mean().item()
+        assert metrics_for(scores, targets.tolist(), ks=(k,), num_items=12)[f"hr@{k}"] == (
+            pytest.approx(expected)
+        )
+
+
+def test_top_k_items_is_the_stable_sort():
+    generator = torch.Generator().manual_seed(3)
+    for columns in (1, 2, 7, 40):
+        scores = torch.randint(0, 4, (20, columns), generator=generator).float()
+        scores[scores == 0] = float("-inf")  # masked items tie at -inf too
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        for k in (1, 3, 10, 50):
+            assert torch.equal(top_k_items(scores, k), order[:, :k])
+
+
+def test_history_masking():
+    scores = ranked_by_id(1, num_items=6)
+    history = torch.tensor([[1, 2, 0]])
+    assert metrics_for(scores, [3], (1,), history, num_items=6)["hr@1"] == 0.0  # off by default
+    assert metrics_for(scores, [3], (1,), history, mask_history=True, num_items=6)["hr@1"] == 1.0
+
+
+def test_target_in_history_is_a_miss_at_every_k():
+    scores = ranked_by_id(1, num_items=3)
+    result = metrics_for(scores, [3], (1, 3, 10), torch.tensor([[3, 0]]), True, num_items=3)
+    assert result["hr@10"] == result["ndcg@10"] == result["mrr@10"] == 0.0
+    assert result["coverage@10"] == pytest.approx(2 / 3)  # masked item 3 is not recommended
+
+
+def test_masking_needs_history():
+    with pytest.raises(ValueError, match="history"):
+        metrics_for(ranked_by_id(1), [1], mask_history=True)
+
+
+def test_coverage_counts_distinct_recommended_items():
+    scores = torch.tensor(
+        [
+            [0.0, 3.0, 2.0, 1.0, 0.0, 0.0],  # top-2 [1, 2]
+            [0.0, 0.0, 1.0, 3.0, 0.0, 0.0],  # top-2 [3, 2]
+        ]
+    )
+    result = metrics_for(scores, [1, 1], ks=(1, 2, 5), num_items=5)
+    assert result["coverage@1"] == pytest.approx(2 / 5)
+    assert result["coverage@2"] == pytest.approx(3 / 5)
+    assert result["coverage@5"] == pytest.approx(5 / 5)
+
+    # Masked (-inf) items fill the tail of a short list but are not recommendations.
+    masked = metrics_for(scores[:1], [3], (5,), torch.tensor([[1, 2]]), True, num_items=5)
+    assert masked["coverage@5"] == pytest.approx(3 / 5)
+
+
+def test_batches_accumulate_to_the_one_shot_result():
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(10, 21, generator=generator)
+    targets = torch.randint(1, 21, (10,), generator=generator)
+    history = torch.randint(0, 21, (10, 4), generator=generator)
+    batches = [(scores[i : i + 3], targets[i : i + 3], history[i : i + 3]) for i in range(0, 10, 3)]
+    one_shot = evaluate_scores([(scores, targets, history)], 20, mask_history=True)
+    assert evaluate_scores(batches, 20, mask_history=True) == pytest.approx(one_shot)
+
+
+def test_caller_scores_are_not_modified():
+    scores = ranked_by_id(1, num_items=4)
+    before = scores.clone()
+    metrics_for(scores, [2], (1,), torch.tensor([[1]]), True, num_items=4)
+    assert torch.equal(scores, before)
+
+
+def test_bad_inputs_are_rejected():
+    accumulator = RankingAccumulator(5)
+    with pytest.raises(ValueError, match="shape"):
+        accumulator.add(torch.zeros(2, 5), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="1..5"):
+        accumulator.add(torch.zeros(2, 6), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="NaN"):
+        accumulator.add(torch.full((1, 6), float("nan")), torch.tensor([1]))
+    with pytest.raises(ValueError, match="no users"):
+        accumulator.result()
+
+
+COUNTS = np.array([99, 5, 9, 9, 1])  # padding, then items 1..4: order 2, 3, 1, 4
+
+
+def test_popularity_scores():
+    scores = popularity_scores(COUNTS, 2)
+    assert scores.shape == (2, 5)
+    assert scores[0, 0] == float("-inf")
+    assert scores[1, 1:].tolist() == [5.0, 9.0, 9.0, 1.0]
+
+
+def test_popularity_baseline():
+    targets = np.array([3, 1, 4])  # ranks 2, 3, 4
+    result = evaluate_popularity(COUNTS, targets, 4, ks=(1, 2, 3), batch_size=2)
+    assert [result["hr@1"], result["hr@2"], result["hr@3"]] == pytest.approx([0, 1 / 3, 2 / 3])
+    assert result["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 3)
+    assert result["coverage@3"] == pytest.approx(3 / 4)
+
+    # Masking lifts users 1 and 2 to rank 1: their more popular items are in their history.
+    inputs = np.array([[2, 0], [2, 3], [0, 0]])
+    masked = evaluate_popularity(COUNTS, targets, 4, inputs=inputs, ks=(1,), mask_history=True)
+    assert masked["hr@1"] == pytest.approx(2 / 3)
+
+
+class NextIdModel(nn.Module):
+    """Scores item (last item + 1, wrapping) highest and all others equally; records its calls."""
+
+    def __init__(self, num_items: int) -> None:
+        super().__init__()
+        self.num_items = num_items
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.calls: list[tuple[bool, bool, int]] = []
+
+    def last_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.calls.append((self.training, torch.is_grad_enabled(), items.shape[0]))
+        rows = torch.arange(items.shape[0])
+        scores = torch.zeros(items.shape[0], self.num_items + 1) + self.bias
+        scores[rows, items[rows, lengths - 1] % self.num_items + 1] = 1.0
+        return scores
+
+
+def test_evaluate_model():
+    model = NextIdModel(5)
+    model.train()
+    inputs = np.array([[1, 2, 0], [4, 0, 0], [3, 1, 5]])
+    lengths = np.array([2, 1, 3])
+    targets = np.array([3, 5, 2])  # ranks 1, 1 and 2 (after the predicted item 1)
+
+    result = evaluate_model(model, inputs, lengths, targets, 5, batch_size=2, ks=(1, 2))
+    assert result["hr@1"] == pytest.approx(2 / 3)
+    assert result["hr@2"] == 1.0
+    assert model.calls == [(False, False, 2), (False, False, 1)]
+    assert model.training  # restored
+
+    # The third user's history holds item 1, so masking it lifts the target to rank 1.
+    masked = evaluate_model(model, inputs, lengths, targets, 5, ks=(1,), mask_history=True)
+    assert masked["hr@1"] == 1.0
+
+
+def test_evaluate_model_rejects_empty_histories():
+    with pytest.raises(ValueError, match="lengths"):
+        evaluate_model(NextIdModel(5), np.array([[0, 0]]), np.array([0]), np.array([1]), 5)
+
+
+def test_mean_metrics_weights_by_users():
+    results = [
+        ({"hr@10": 0.5, "coverage@10": 0.2, "users": 2.0}, 2),
+        ({"hr@10": 1.0, "coverage@10": 0.4, "users": 6.0}, 6),
+    ]
+    assert mean_metrics(results) == {"hr@10": pytest.approx((0.5 * 2 + 1.0 * 6) / 8), "users": 8.0}
+
+
+def test_mean_metrics_equals_pooled_evaluation():
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.randn(9, 11, generator=generator)
+    targets = torch.randint(1, 11, (9,), generator=generator)
+    parts = [(scores[:2], targets[:2]), (scores[2:], targets[2:])]
+    per_client = [(evaluate_scores([(s, t, None)], 10), len(t)) for s, t in parts]
+    pooled = evaluate_scores([(scores, targets, None)], 10)
+    expected = {key: value for key, value in pooled.items() if not key.startswith("coverage@")}
+    assert mean_metrics(per_client) == pytest.approx(expected)
+
+
+def test_mean_metrics_rejects_bad_input():
+    with pytest.raises(ValueError):
+        mean_metrics([])
+    with pytest.raises(ValueError, match="same keys"):
+        mean_metrics([({"hr@10": 0.5}, 1), ({"ndcg@10": 0.5}, 1)])

@@ -1,0 +1,102 @@
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.model import AttentionLSTM, recommend, window_loss
+
+N = 30
+
+
+@pytest.fixture
+def model() -> AttentionLSTM:
+    torch.manual_seed(0)
+    return AttentionLSTM(N, embedding_dim=8, hidden_dim=12, dropout=0.0).eval()
+
+
+@pytest.fixture
+def items() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    x = torch.randint(1, N + 1, (3, 7))
+    x[0, 4:] = 0  # right padding: user 0 has 4 items
+    return x, torch.tensor([4, 7, 7])
+
+
+def test_shapes_and_attention(model, items):
+    x, lengths = items
+    assert model(x).shape == (3, 7, N + 1)
+    scores, attention = model.last_scores(x, lengths, return_attention=True)
+    assert scores.shape == (3, N + 1) and attention.shape == (3, 7)
+    assert torch.allclose(attention.sum(1), torch.ones(3))
+    assert torch.all(attention[0, 4:] == 0)  # padding gets no attention
+
+
+def test_padding_and_future_do_not_leak(model, items):
+    x, _ = items
+    changed = x.clone()
+    changed[0, 4:] = 5  # overwrite padding
+    assert torch.equal(model(x)[0, :4], model(changed)[0, :4])
+    future = x.clone()
+    future[1, 5:] = 1  # change the future of user 1
+    assert torch.allclose(model(x)[1, :5], model(future)[1, :5])
+    assert not torch.allclose(model(x)[1, 5:], model(future)[1, 5:])
+
+
+def test_last_scores_equal_forward_at_last_position(model, items):
+    x, lengths = items
+    full = model(x)
+    last = model.last_scores(x, lengths)
+    for u, n in enumerate(lengths.tolist()):
+        assert torch.allclose(full[u, n - 1], last[u], atol=1e-6)
+
+
+def test_opacus_accepts_the_model_and_weights_move_unchanged(model):
+    assert ModuleValidator.validate(model.train(), strict=False) == []
+    assert model.head.weight is model.item_embedding.weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = DataLoader(TensorDataset(torch.randint(1, N + 1, (8, 6))), batch_size=4)
+    wrapped, _, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    inner = wrapped._module.state_dict()
+    assert list(inner) == list(before)
+    assert all(torch.equal(inner[k], before[k]) for k in before)
+    plain = AttentionLSTM(N, embedding_dim=8, hidden_dim=12)
+    plain.load_state_dict(inner)  # strict: same keys, same shapes
+    wrapped.to_standard_module()
+
+
+def test_per_window_gradients_match_single_window_gradients(model):
+    """Opacus's hooks give each window its own exact gradient (DPLSTM, tied weights, masks)."""
+    torch.manual_seed(2)
+    windows = torch.randint(1, N + 1, (3, 6))
+    windows[1, 3:] = 0
+    model.train()
+    expected = []
+    for w in windows:
+        model.zero_grad()
+        window_loss(model, w.unsqueeze(0)).backward()
+        expected.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    wrapped, _, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(windows), batch_size=3), noise_multiplier=1.0,
+        max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="hooks")
+    window_loss(wrapped, windows).backward()
+    for name, p in model.named_parameters():
+        for i in range(3):
+            assert torch.allclose(p.grad_sample[i], expected[i][name], atol=1e-5), name
+    wrapped.to_standard_module()
+
+
+def test_loss_ignores_padding_targets(model):
+    w = torch.tensor([[3, 4, 5, 0, 0]])
+    padded_more = torch.tensor([[3, 4, 5, 0, 0, 0, 0]])
+    assert torch.allclose(window_loss(model, w), window_loss(model, padded_more))
+
+
+def test_recommend_never_returns_padding_and_explains(model):
+    top, scores, attention = recommend(model, [1, 2, 3, 4, 5], k=N, max_len=3)
+    assert len(top) == N and 0 not in top and sorted(top) == list(range(1, N + 1))
+    assert scores == sorted(scores, reverse=True)
+    assert len(attention) == 3 and abs(sum(attention) - 1) < 1e-6

@@ -1,0 +1,123 @@
+"""The command line as a user meets it: real jobs on tiny synthetic data, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrec.cli import main
+
+TINY = ["--synthetic-users", "80", "--synthetic-items", "40"]
+FAST = ["--epochs", "2", "--embedding-dim", "16", "--hidden-dim", "16", "--max-len", "15"]
+
+
+def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["fedrec", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def tiny_config(monkeypatch):
+    """Shrink the synthetic default through the run config, as a user of `flwr run` would."""
+    import common.config
+
+    small = {**common.config.defaults(), "synthetic-users": 80, "synthetic-items": 40, "synthetic-groups": 5,
+             "synthetic-min-len": 8, "synthetic-max-len": 20}
+    monkeypatch.setattr(common.config, "defaults", lambda: small)
+
+
+def test_train_then_recommend(monkeypatch, capsys, tmp_path):
+    tiny_config(monkeypatch)
+    out = tmp_path / "run"
+    code, stdout, _ = run(monkeypatch, capsys, "train", "--out", str(out), *FAST)
+    assert code == 0 and "most popular" in stdout
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "summary.json", "model.pt", "items.json"}
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dp"] == {"enabled": False} and 0 <= summary["test"]["ndcg@10"] <= 1
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert "item_embedding.weight" in state and state["item_embedding.weight"].shape[0] == 41
+    assert not list(tmp_path.glob(".run.partial-*"))
+
+    code, stdout, _ = run(monkeypatch, capsys, "recommend", "--model", str(out), "--history", "3,7,12", "-k", "5", "--explain")
+    assert code == 0 and "attention over the history" in stdout
+    top, explained = stdout.split("attention over the history")
+    ranks = [line for line in top.splitlines() if line.startswith("│ ") and line.split("│")[1].strip().isdigit()]
+    assert [int(r.split("│")[1]) for r in ranks] == [1, 2, 3, 4, 5]
+    assert all(item in explained for item in ("3", "7", "12"))
+
+
+def test_train_with_dp_reports_epsilon(monkeypatch, capsys, tmp_path):
+    tiny_config(monkeypatch)
+    code, stdout, _ = run(monkeypatch, capsys, "train", "--out", str(tmp_path / "dp"), *FAST, "--dp",
+                          "--target-epsilon", "4", "--batch-size", "16")
+    assert code == 0
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["dp"]["enabled"] and 3.5 < summary["dp"]["epsilon"] <= 4.0 + 1e-6
+    assert "training window" in summary["dp"]["unit"]
+
+
+def test_data_stats(monkeypatch, capsys):
+    tiny_config(monkeypatch)
+    code, stdout, _ = run(monkeypatch, capsys, "data", "stats")
+    assert code == 0 and "users" in stdout and "80" in stdout
+
+
+def _u_data(path: Path, text: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "u.data").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "not found"),
+        ("delimiter", "delimiter"),
+        ("non-numeric", "no valid"),
+        ("empty", "empty"),
+        ("column", "column"),
+        ("max-len", "max-len must be positive"),
+        ("history", "unknown item ids"),
+    ],
+)
+def test_bad_input_gives_one_line_and_writes_nothing(monkeypatch, capsys, tmp_path, case, expected):
+    out = tmp_path / "out"
+    args = {
+        "missing": ["--dataset", "ml-100k", "--data-dir", str(tmp_path / "nowhere")],
+        "delimiter": ["--dataset", "ml-100k", "--data-dir", str(_u_data(tmp_path / "delimiter", "1,2,5,100\n2,3,4,101\n"))],
+        "non-numeric": ["--dataset", "ml-100k", "--data-dir", str(_u_data(tmp_path / "non-numeric", "a\tb\t5\t100\nc\td\t4\t101\n"))],
+        "empty": ["--dataset", "ml-100k", "--data-dir", str(_u_data(tmp_path / "empty", ""))],
+        "column": ["--dataset", "csv", "--data-dir", str(_write(tmp_path / "x.csv", "user,thing\n1,2\n"))],
+        "max-len": ["--max-len", "-3"],
+    }
+    if case == "history":
+        tiny_config(monkeypatch)
+        assert run(monkeypatch, capsys, "train", "--out", str(out), *FAST)[0] == 0
+        code, stdout, err = run(monkeypatch, capsys, "recommend", "--model", str(out), "--history", "999999")
+    else:
+        code, stdout, err = run(monkeypatch, capsys, "train", "--out", str(out), *args[case])
+        assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+def test_existing_output_is_not_overwritten(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier run")
+    code, _, err = run(monkeypatch, capsys, "train", "--out", str(out), *FAST)
+    assert code != 0 and "not empty" in err and (out / "keep.txt").read_text() == "earlier run"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

@@ -1,0 +1,29 @@
+import json
+
+from common.config import Config
+from common.dataset import eval_examples, load_dataset, popularity
+from common.metrics import evaluate_popularity
+from simulation.centralized import train_centralized
+
+SMALL = {"synthetic-users": 150, "synthetic-items": 60, "synthetic-groups": 6, "synthetic-min-len": 10,
+         "synthetic-max-len": 25, "max-len": 20, "embedding-dim": 32, "hidden-dim": 32, "epochs": 6,
+         "batch-size": 32, "lr": 0.01, "dropout": 0.0}
+
+
+def test_short_training_beats_popularity_on_validation(tmp_path):
+    cfg = Config.from_run_config(SMALL)
+    summary = train_centralized(cfg, tmp_path / "run")
+    data = load_dataset(cfg)
+    inputs, _, targets = eval_examples(data.sequences, "valid", cfg.max_len)
+    popular = evaluate_popularity(popularity(data.sequences, data.num_items), targets, data.num_items, inputs=inputs)
+    assert summary["valid"]["ndcg@10"] > 1.5 * popular["ndcg@10"]
+    assert summary["test"]["ndcg@10"] > summary["popularity_test"]["ndcg@10"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, summary["epochs"] + 1))
+    assert max(r["valid_ndcg@10"] for r in lines) == summary["valid"]["ndcg@10"]
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    cfg = Config.from_run_config({**SMALL, "epochs": 30, "patience": 1, "lr": 0.05})
+    summary = train_centralized(cfg, tmp_path / "run")
+    assert summary["epochs"] < 30 and summary["epochs"] == summary["best_epoch"] + 1
