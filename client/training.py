@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -26,8 +27,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import Config
 from common.model import window_loss
+from common.privacy import Ledger
 
 ACCOUNTANT = "prv"
+
+# Adam suits long runs (centralized training); plain SGD suits a federated client's few steps
+# from a fresh optimizer, where Adam's first steps are sign-like and would amplify DP noise.
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 # (noise multiplier, sample rate, steps): Opacus's accountant history, the privacy ledger's unit
 MechanismHistory = list[tuple[float, float, int]]
@@ -68,7 +74,7 @@ def _quiet_opacus() -> Iterator[None]:
     """Hide Opacus warnings that say nothing to a fedrec user: fedrec seeds its RNG on purpose
     (runs must reproduce), the input ids never need gradients, and RDP's order search is only
     used to bracket the PRV accountant."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):  # PRV takes log(0) at q = 1
         for message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the"):
             warnings.filterwarnings("ignore", message=message)
         yield
@@ -77,10 +83,11 @@ def _quiet_opacus() -> Iterator[None]:
 def _train(model, windows, cfg, epochs, noise_multiplier, history, seed, on_epoch_end) -> TrainResult:
     torch.manual_seed(seed)  # batch order, dropout, Poisson sampling and DP noise
     data = DataLoader(TensorDataset(torch.from_numpy(windows)), batch_size=cfg.batch_size, shuffle=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine = None
     net: torch.nn.Module = model
     if noise_multiplier is not None:
+        model.private = True  # per-window gradients need DPLSTM's hookable forward
         engine = PrivacyEngine(accountant=ACCOUNTANT)
         engine.accountant.history = [tuple(h) for h in history]
         net, optimizer, data = engine.make_private(
@@ -93,7 +100,7 @@ def _train(model, windows, cfg, epochs, noise_multiplier, history, seed, on_epoc
             grad_sample_mode="hooks",
         )
     net.train()
-    steps, loss, epsilon, epoch = 0, math.nan, None, 0
+    steps, loss, epoch = 0, math.nan, 0
     try:
         for epoch in range(1, epochs + 1):
             total, batches = 0.0, 0
@@ -110,32 +117,44 @@ def _train(model, windows, cfg, epochs, noise_multiplier, history, seed, on_epoc
                 batches += 1
                 steps += 1
             loss = total / max(batches, 1)
-            epsilon = engine.accountant.get_epsilon(cfg.delta) if engine else None
-            if on_epoch_end is not None and on_epoch_end(epoch, loss, epsilon):
+            if on_epoch_end is not None and on_epoch_end(epoch, loss, _epsilon(engine, cfg.delta)):
                 break
     finally:
         if engine is not None:
             net.to_standard_module()  # drop hooks and grad samples: `model` can be wrapped again
+            model.private = False
     new_history = [tuple(h) for h in engine.accountant.history] if engine else list(history)
-    return TrainResult(loss, epoch, steps, new_history, epsilon)
+    return TrainResult(loss, epoch, steps, new_history, _epsilon(engine, cfg.delta))
 
 
+def _epsilon(engine: PrivacyEngine | None, delta: float) -> float | None:
+    """Through the ledger's cache: in a simulation many clients share one history."""
+    return Ledger(tuple(tuple(h) for h in engine.accountant.history)).epsilon(delta) if engine else None
+
+
+@functools.lru_cache(maxsize=1024)
 def noise_multiplier_for(cfg: Config, num_windows: int, epochs: int) -> float:
     """σ from the config: given outright, or the smallest that keeps `epochs` under target ε.
 
-    The sample rate is the one Opacus's Poisson loader uses (1 / batches per epoch).
+    The sample rate is the one Opacus's Poisson loader uses (1 / batches per epoch). Cached:
+    clients with as many windows share one search.
     """
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    sample_rate = 1 / math.ceil(num_windows / cfg.batch_size)
+    sample_rate = 1 / batches_per_epoch(num_windows, cfg.batch_size)
     with _quiet_opacus():
         return get_noise_multiplier(
             target_epsilon=cfg.target_epsilon,
             target_delta=cfg.delta,
             sample_rate=sample_rate,
-            steps=epochs * math.ceil(num_windows / cfg.batch_size),
+            steps=epochs * batches_per_epoch(num_windows, cfg.batch_size),
             accountant=ACCOUNTANT,
         )
+
+
+def batches_per_epoch(num_windows: int, batch_size: int) -> int:
+    """Steps in one epoch; under Poisson sampling each window is drawn with rate 1 / this."""
+    return math.ceil(num_windows / batch_size)
 
 
 def dp_unit(max_len: int) -> str:

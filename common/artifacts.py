@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ def staged_output(out: Path) -> Iterator[Path]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=_plain) + "\n"))
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -59,7 +59,30 @@ def read_json(path: Path) -> Any:
 
 def save_model(path: Path, model: torch.nn.Module) -> None:
     """A plain state_dict, loadable with `torch.load(path, weights_only=True)`."""
-    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, path)
+    save_tensors(path, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+
+
+def save_tensors(path: Path, data: Any) -> None:
+    """`torch.save` of plain containers of tensors and numbers (weights_only-loadable)."""
+    replace_atomically(path, lambda tmp: torch.save(data, tmp))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write beside `path`, then rename over it: readers see the old file or the new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_items(path: Path, data: Any) -> None:
+    """The catalogue of a `SequenceData` (raw ids and titles, no user data), for `fedrec recommend`."""
+    titles = data.titles.tolist() if data.titles is not None else [""] * data.num_items
+    write_json(path, {"item_ids": data.item_ids.tolist(), "titles": titles})
 
 
 def _plain(value: Any) -> Any:

@@ -15,6 +15,9 @@ from typing import Any
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
+PARTITIONS = ("user", "iid", "skew")
+STRATEGIES = ("fedavg", "fedadam")
+OPTIMIZERS = ("adam", "sgd")
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "ml-latest", "seq", "inter", "csv")
 
 
@@ -50,6 +53,21 @@ class Config:
     lr: float
     weight_decay: float
     patience: int
+    optimizer: str
+    num_server_rounds: int
+    partition: str
+    num_clients: int
+    skew_alpha: float
+    holdout_users: float
+    fraction_train: float
+    min_train_nodes: int
+    fraction_evaluate: float
+    local_epochs: int
+    server_strategy: str
+    server_lr: float
+    eval_every: int
+    out_dir: str
+    resume: bool
     dp: bool
     noise_multiplier: float
     target_epsilon: float
@@ -58,6 +76,15 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        for name, allowed in (("partition", PARTITIONS), ("server_strategy", STRATEGIES), ("optimizer", OPTIMIZERS)):
+            _check(getattr(self, name) in allowed,
+                   f"{_key(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("num_server_rounds", "num_clients", "local_epochs", "eval_every", "server_lr", "skew_alpha"):
+            _check(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
+        for name in ("fraction_train", "fraction_evaluate"):
+            _check(0 <= getattr(self, name) <= 1, f"{_key(name)} must be in [0, 1], got {getattr(self, name)}")
+        _check(0 <= self.holdout_users < 1, f"holdout-users must be in [0, 1), got {self.holdout_users}")
+        _check(self.min_train_nodes >= 1, f"min-train-nodes must be >= 1, got {self.min_train_nodes}")
         for name in ("max_len", "embedding_dim", "hidden_dim", "epochs", "batch_size",
                      "synthetic_users", "synthetic_items", "synthetic_groups", "synthetic_min_len"):
             _check(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 from opacus.layers import DPLSTM
 from torch import nn
 
@@ -44,6 +45,11 @@ class AttentionLSTM(nn.Module):
         self.num_items = num_items
         self.item_embedding = nn.Embedding(num_items + 1, embedding_dim, padding_idx=0)
         self.lstm = DPLSTM(embedding_dim, hidden_dim, batch_first=True)
+        # DPLSTM steps through time in Python so that Opacus can hook every gate; outside DP
+        # training the same parameters run through PyTorch's fused LSTM (2-4x faster). The
+        # template sits in a tuple so that it adds nothing to the state_dict.
+        self._fused_lstm = (nn.LSTM(embedding_dim, hidden_dim, batch_first=True),)
+        self.private = False  # set by DP training, which needs DPLSTM's own forward
         self.attn_key = nn.Linear(hidden_dim, hidden_dim, bias=False)  # W_h
         self.attn_query = nn.Linear(hidden_dim, hidden_dim)  # W_q
         self.attn_score = nn.Linear(hidden_dim, 1, bias=False)  # v
@@ -77,7 +83,11 @@ class AttentionLSTM(nn.Module):
         return (scores, weights.squeeze(1)) if return_attention else scores
 
     def _encode(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        states, _ = self.lstm(self.dropout(self.item_embedding(items)))
+        x = self.dropout(self.item_embedding(items))
+        if self.private:
+            states, _ = self.lstm(x)
+        else:
+            states, _ = functional_call(self._fused_lstm[0], dict(self.lstm.named_parameters()), (x,))
         return states, items != 0
 
     def _attend(

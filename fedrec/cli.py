@@ -85,6 +85,46 @@ def train_command(
     _print_summary(summary, out)
 
 
+@app.command("simulate")
+def simulate_command(
+    out: Out = Path("runs/simulation"),
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder (its own settings)")] = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    kcore: Kcore = None,
+    min_rating: MinRating = None,
+    max_len: MaxLen = None,
+    seed: Seed = None,
+    rounds: Annotated[Optional[int], _opt("num-server-rounds", "Federated rounds")] = None,
+    partition: Annotated[Optional[str], _opt("partition", "user (one client per user), iid or skew")] = None,
+    num_clients: Annotated[Optional[int], _opt("num-clients", "Clients for iid and skew partitions")] = None,
+    fraction_train: Annotated[Optional[float], _opt("fraction-train", "Share of clients sampled per round")] = None,
+    min_train_nodes: Annotated[Optional[int], _opt("min-train-nodes", "Fewest usable replies to aggregate a round")] = None,
+    local_epochs: Annotated[Optional[int], _opt("local-epochs", "Epochs of local training per round")] = None,
+    batch_size: Annotated[Optional[int], _opt("batch-size", "Windows per local batch (expected size under DP)")] = None,
+    lr: Annotated[Optional[float], _opt("lr", "Local learning rate")] = None,
+    holdout_users: Annotated[Optional[float], _opt("holdout-users", "Share of users kept out of training for the server")] = None,
+    dp: Annotated[Optional[bool], _opt("dp", "Local DP-SGD on every client", "--dp/--no-dp")] = None,
+    noise_multiplier: Annotated[Optional[float], _opt("noise-multiplier", "DP noise σ (0: derive from --target-epsilon)")] = None,
+    target_epsilon: Annotated[Optional[float], _opt("target-epsilon", "Each client's DP budget ε over all rounds")] = None,
+    delta: Annotated[Optional[float], _opt("delta", "DP δ")] = None,
+    max_grad_norm: Annotated[Optional[float], _opt("max-grad-norm", "DP per-window clipping norm")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines")] = False,
+) -> None:
+    """Federated training of many clients in this process (the ServerApp and ClientApp, no Ray)."""
+    from simulation.run import simulate
+
+    if resume is not None:
+        if not (resume / "config.json").is_file():
+            raise DataError(f"cannot resume: {resume / 'config.json'} not found")
+        cfg = Config.from_run_config({**read_json(resume / "config.json"), "out-dir": str(resume), "resume": True})
+    else:
+        options = {k: v for k, v in locals().items() if k not in ("out", "quiet", "resume", "simulate", "rounds")}
+        cfg = _config(**options, num_server_rounds=rounds, out_dir=str(out))
+    summary = simulate(cfg, quiet=quiet)
+    _print_summary(summary, Path(cfg.out_dir))
+
+
 @data_app.command("stats")
 def data_stats(
     dataset: Dataset = None,
@@ -142,9 +182,10 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     for name, m in (("model", summary["test"]), ("most popular", summary["popularity_test"])):
         table.add_row(name, *(f"{m[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20")))
     console.print(table)
-    if summary["dp"]["enabled"]:
-        console.print(f"DP: ε = {summary['dp']['epsilon']:.3f} at δ = {summary['dp']['delta']:g}"
-                      f" per {summary['dp']['unit']}")
+    dp = summary["dp"]
+    if dp["enabled"]:
+        epsilon = f"ε = {dp['epsilon']:.3f}" if "epsilon" in dp else f"ε ≤ {dp['epsilon_max']:.3f} per client (median {dp['epsilon_median']:.3f})"
+        console.print(f"DP: {epsilon} at δ = {dp['delta']:g}, protecting {dp['unit']}")
 
 
 def _flatten(info: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -69,14 +69,8 @@ def train_centralized(
         }
         artifacts.write_json(stage / artifacts.SUMMARY, summary)
         artifacts.save_model(stage / artifacts.MODEL, model)
-        write_items(stage / artifacts.ITEMS, data)
+        artifacts.write_items(stage / artifacts.ITEMS, data)
     return summary
-
-
-def write_items(path: Path, data: SequenceData) -> None:
-    """The catalogue (raw ids and titles, no user data) that `fedrec recommend` maps ids with."""
-    titles = data.titles.tolist() if data.titles is not None else [""] * data.num_items
-    artifacts.write_json(path, {"item_ids": data.item_ids.tolist(), "titles": titles})
 
 
 def _sizes(data: SequenceData, windows: int) -> dict[str, int]:

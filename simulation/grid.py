@@ -44,9 +44,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from types import MappingProxyType
+from typing import Any
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict, UserConfig, UserConfigValue
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict, UserConfig, UserConfigValue
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, Status
 from flwr.serverapp import Grid, ServerApp
@@ -179,6 +180,20 @@ class InProcessGrid(Grid):
     def node_states(self) -> Mapping[int, RecordDict]:
         """``Context.state`` of every node contacted so far (read-only view), by node id."""
         return MappingProxyType(self._states)
+
+    def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The ConfigRecords of every node's state, as plain JSON-able data, for a checkpoint.
+
+        Only ConfigRecords are kept (fedrec's clients store their privacy ledger in one);
+        array and metric records in a node's state are not part of a snapshot.
+        """
+        return {str(node_id): {name: dict(record) for name, record in state.config_records.items()}
+                for node_id, state in self._states.items()}
+
+    def restore(self, snapshot: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+        """Give nodes back the state a `snapshot` took (a resumed run continues their ledgers)."""
+        for node_id, records in snapshot.items():
+            self._states[int(node_id)] = RecordDict({name: ConfigRecord(dict(r)) for name, r in records.items()})
 
     # The Grid contract.
 

@@ -77,7 +77,8 @@ def test_per_window_gradients_match_single_window_gradients(model):
     for w in windows:
         model.zero_grad()
         window_loss(model, w.unsqueeze(0)).backward()
-        expected.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        expected.append({n: p.grad.clone() for n, p in model.named_parameters()})  # fused LSTM path
+    model.private = True  # DPLSTM's own forward, which Opacus hooks
     wrapped, _, _ = PrivacyEngine().make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=DataLoader(TensorDataset(windows), batch_size=3), noise_multiplier=1.0,
@@ -87,6 +88,13 @@ def test_per_window_gradients_match_single_window_gradients(model):
         for i in range(3):
             assert torch.allclose(p.grad_sample[i], expected[i][name], atol=1e-5), name
     wrapped.to_standard_module()
+
+
+def test_fused_and_dp_lstm_paths_agree(model, items):
+    x, lengths = items
+    fast = model(x)
+    model.private = True
+    assert torch.allclose(fast, model(x), atol=1e-5)
 
 
 def test_loss_ignores_padding_targets(model):

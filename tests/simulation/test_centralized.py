@@ -7,7 +7,7 @@ from simulation.centralized import train_centralized
 
 SMALL = {"synthetic-users": 150, "synthetic-items": 60, "synthetic-groups": 6, "synthetic-min-len": 10,
          "synthetic-max-len": 25, "max-len": 20, "embedding-dim": 32, "hidden-dim": 32, "epochs": 6,
-         "batch-size": 32, "lr": 0.01, "dropout": 0.0}
+         "batch-size": 32, "lr": 0.01, "dropout": 0.0, "dp": False}
 
 
 def test_short_training_beats_popularity_on_validation(tmp_path):

@@ -1,0 +1,101 @@
+"""The fedrec ClientApp: local DP-SGD on this client's own users, weights out, nothing else.
+
+`train` loads the global weights, checks that the round fits the client's privacy budget,
+trains for `local-epochs` with DP-SGD (or without, when `dp = false`), records the spent
+privacy in the client's ledger and replies with the new weights, the number of training
+windows, the train loss and the cumulative ε. `evaluate` scores the client's own validation
+targets, so the server can aggregate metrics it never sees the data of.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.training import batches_per_epoch, noise_multiplier_for, train
+from common.config import Config
+from common.federation import ClientData, client_data
+from common.metrics import evaluate_model
+from common.model import build_model
+from common.privacy import Ledger
+
+app = ClientApp()
+
+LEDGER = "privacy-ledger"  # key in Context.state, and file name under a node's state-dir
+
+
+@app.train()
+def train_round(msg: Message, context: Context) -> Message:
+    cfg = Config.from_run_config(context.run_config)
+    partition = int(context.node_config["partition-id"])
+    server_round = int(msg.content["config"]["server-round"])
+    data = client_data(cfg, partition)
+    model = _global_model(msg, cfg, data)
+    ledger = load_ledger(context)
+    sigma = None
+    if cfg.dp:
+        sigma = noise_multiplier_for(cfg, len(data.windows), cfg.num_server_rounds * cfg.local_epochs)
+        batches = batches_per_epoch(len(data.windows), cfg.batch_size)
+        after = ledger.planned(sigma, 1 / batches, cfg.local_epochs * batches).epsilon(cfg.delta)
+        if after > cfg.target_epsilon * (1 + 1e-9):
+            return _declined(msg, ledger.epsilon(cfg.delta), after, cfg.target_epsilon)
+    result = train(model, data.windows, cfg, epochs=cfg.local_epochs, noise_multiplier=sigma,
+                   history=ledger.history, seed=_seed(cfg.seed, server_round, partition))
+    if cfg.dp:
+        ledger = ledger.extended(result.history)
+        save_ledger(context, ledger)
+    metrics = {"num-examples": len(data.windows), "train-loss": result.loss, "declined": 0,
+               "epsilon": result.epsilon if cfg.dp else 0.0}
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_round(msg: Message, context: Context) -> Message:
+    cfg = Config.from_run_config(context.run_config)
+    data = client_data(cfg, int(context.node_config["partition-id"]))
+    metrics = evaluate_model(_global_model(msg, cfg, data), *data.valid, data.num_items,
+                             ks=(10,), mask_history=cfg.mask_history)
+    users = metrics.pop("users")
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("coverage")}  # not averageable
+    return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "num-examples": int(users)})}),
+                   reply_to=msg)
+
+
+def load_ledger(context: Context) -> Ledger:
+    """From the node's state folder in deployment (survives restarts), else from Context.state."""
+    if "state-dir" in context.node_config:
+        return Ledger.load(Path(str(context.node_config["state-dir"])) / f"{LEDGER}.json")
+    record = context.state.config_records.get(LEDGER)
+    return Ledger.from_json(str(record["ledger"])) if record is not None else Ledger()
+
+
+def save_ledger(context: Context, ledger: Ledger) -> None:
+    if "state-dir" in context.node_config:
+        ledger.save(Path(str(context.node_config["state-dir"])) / f"{LEDGER}.json")
+    else:
+        context.state.config_records[LEDGER] = ConfigRecord({"ledger": ledger.to_json()})
+
+
+def _global_model(msg: Message, cfg: Config, data: ClientData) -> torch.nn.Module:
+    model = build_model(cfg, data.num_items)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
+
+
+def _declined(msg: Message, spent: float, after: float, target: float) -> Message:
+    """A reply without weights: training would take this client past its budget."""
+    reason = f"privacy budget: ε would reach {after:.3f} > target {target:g} (spent {spent:.3f})"
+    metrics = MetricRecord({"num-examples": 0, "declined": 1, "epsilon": spent})
+    return Message(content=RecordDict({"metrics": metrics, "config": ConfigRecord({"reason": reason})}),
+                   reply_to=msg)
+
+
+def _seed(seed: int, server_round: int, partition: int) -> int:
+    """A distinct, reproducible seed per (run, round, client): resumed runs replay exactly."""
+    digest = hashlib.sha256(f"{seed}/{server_round}/{partition}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")

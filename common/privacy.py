@@ -1,0 +1,81 @@
+"""A client's privacy ledger: every DP-SGD mechanism it ever ran, so that ε is cumulative.
+
+The ledger is Opacus's accountant history — (noise multiplier, sample rate, steps) per entry —
+and ε is recomputed from it with the PRV accountant. It must outlive rounds and restarts (a
+client that forgot what it spent would report too small an ε), so it is stored with the
+client's state: the Flower `Context.state` in simulation, a file under the node's state folder
+in deployment. A checksum travels with it, so a hand-edited ledger is detected, not trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from opacus.accountants import PRVAccountant
+
+from common.artifacts import replace_atomically
+from common.errors import DataError
+
+Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ledger:
+    history: tuple[Mechanism, ...] = ()
+
+    def epsilon(self, delta: float) -> float:
+        """Cumulative ε at δ over every mechanism so far (0 before any)."""
+        return _epsilon(self.history, delta) if self.history else 0.0
+
+    def extended(self, history: list[Mechanism]) -> Ledger:
+        """The ledger after a training call whose accountant started from this history."""
+        return Ledger(tuple((float(s), float(q), int(n)) for s, q, n in history))
+
+    def planned(self, noise_multiplier: float, sample_rate: float, steps: int) -> Ledger:
+        """The ledger as it would be after `steps` more steps (to check a budget before training)."""
+        return Ledger((*self.history, (noise_multiplier, sample_rate, steps)))
+
+    def to_json(self) -> str:
+        body = [list(h) for h in self.history]
+        return json.dumps({"history": body, "sha256": _digest(body)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Ledger:
+        try:
+            data = json.loads(text)
+            body = data["history"]
+            ok = data["sha256"] == _digest(body)
+            history = tuple((float(s), float(q), int(n)) for s, q, n in body)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"privacy ledger is unreadable: {e}") from None
+        if not ok or any(not (s > 0 and 0 < q <= 1 and n >= 0 and math.isfinite(s)) for s, q, n in history):
+            raise DataError("privacy ledger failed its checksum: it was altered outside fedrec")
+        return cls(history)
+
+    def save(self, path: Path) -> None:
+        """Atomically: a crash mid-write must not lose what was spent."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, lambda tmp: tmp.write_text(self.to_json()))
+
+    @classmethod
+    def load(cls, path: Path) -> Ledger:
+        return cls.from_json(path.read_text()) if path.exists() else cls()
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(history: tuple[Mechanism, ...], delta: float) -> float:
+    """Cached: in a simulation thousands of clients share the same few histories."""
+    accountant = PRVAccountant()
+    accountant.history = list(history)
+    with np.errstate(divide="ignore", invalid="ignore"):  # q = 1 (no subsampling) takes log(0) inside PRV
+        return float(accountant.get_epsilon(delta))
+
+
+def _digest(body: list) -> str:
+    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()

@@ -1,0 +1,154 @@
+"""`run_on_ray` runs a Flower App on Flower's own Ray engine through `flwr run`, and cleans up.
+
+The app is a toy written into ``tmp_path`` (not fedrec's apps, so these tests only depend on
+Flower): the 'model' is one array of zeros; the ClientApp on partition ``i`` returns
+``array + 1 + i`` with weight 1, so with 3 SuperNodes FedAvg adds 2 per round and 2 rounds end
+at 4.0. Each app writes its ``run_config`` to ``out-dir`` so the overrides can be checked on
+both sides. Each test starts Ray (~15-25 s on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulation.ray_engine import RayRun, RayRunError, _is_running, run_on_ray
+
+PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "toyapp"
+version = "0.1.0"
+description = "Toy Flower App for the Ray engine test"
+license = "Apache-2.0"
+dependencies = ["flwr[simulation]"]
+
+[tool.flwr.app]
+publisher = "fedrec"
+
+[tool.flwr.app.components]
+serverapp = "toy_server:app"
+clientapp = "toy_client:app"
+
+[tool.flwr.app.config]
+num-server-rounds = 2
+marker = "default"
+fail = false
+out-dir = ""
+"""
+
+SERVER = """\
+import json
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = dict(context.run_config)
+    Path(config["out-dir"], "server.json").write_text(json.dumps(config))
+    if config["fail"]:
+        raise ValueError("toy ServerApp failed on purpose")
+    result = FedAvg(fraction_evaluate=0.0).start(
+        grid=grid, initial_arrays=ArrayRecord([np.zeros(3)]),
+        num_rounds=int(config["num-server-rounds"]))
+    log(INFO, "TOY final=%s", result.arrays.to_numpy_ndarrays()[0].tolist())
+"""
+
+CLIENT = """\
+import json
+from pathlib import Path
+
+import ray
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    partition = int(context.node_config["partition-id"])
+    config = dict(context.run_config)
+    config["ray-actor"] = ray.get_runtime_context().get_actor_id()  # None outside Ray actors
+    Path(config["out-dir"], f"client-{partition}.json").write_text(json.dumps(config))
+    array = msg.content["arrays"].to_numpy_ndarrays()[0] + 1.0 + partition
+    content = RecordDict({"arrays": ArrayRecord([array]),
+                          "metrics": MetricRecord({"num-examples": 1})})
+    return Message(content, reply_to=msg)
+"""
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(sys.platform != "linux", reason="process tracking reads /proc"),
+]
+
+
+def write_toy_app(root: Path) -> Path:
+    app = root / "toyapp"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(PYPROJECT)
+    (app / "toy_server.py").write_text(SERVER)
+    (app / "toy_client.py").write_text(CLIENT)
+    return app
+
+
+def assert_all_stopped(run: RayRun) -> None:
+    # SuperLink, SuperExec, flwr-simulation, Ray's gcs_server, raylet, workers, ...
+    assert len(run.pids) >= 3, run.pids
+    assert [pid for pid in run.pids if _is_running(pid)] == []
+
+
+def test_toy_app_completes_on_ray_and_leaves_nothing_running(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = "it's a \"quoted\" value with spaces"  # survives the trip through TOML
+
+    run = run_on_ray(write_toy_app(tmp_path), num_supernodes=3,
+                     run_config={"marker": marker, "out-dir": str(out)}, timeout=300)
+
+    assert run.status == "finished:completed"
+    assert run.run_id is not None
+    assert "TOY final=[4.0, 4.0, 4.0]" in run.log  # 2 FedAvg rounds over 3 clients
+    configs = {path.name: json.loads(path.read_text()) for path in out.glob("*.json")}
+    assert sorted(configs) == ["client-0.json", "client-1.json", "client-2.json", "server.json"]
+    assert {config["marker"] for config in configs.values()} == {marker}
+    assert all(configs[f"client-{i}.json"]["ray-actor"] for i in range(3))  # ran in Ray actors
+    assert run.peak_rss_mb > 0
+    assert_all_stopped(run)
+
+
+def test_failing_server_app_raises_although_flwr_run_exits_zero(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+
+    with pytest.raises(RayRunError, match="finished:failed.*failed on purpose") as caught:
+        run_on_ray(write_toy_app(tmp_path), num_supernodes=3,
+                   run_config={"fail": True, "out-dir": str(out)}, timeout=300)
+
+    assert isinstance(caught.value, RuntimeError)
+    assert caught.value.run.status == "finished:failed"
+    assert "ValueError: toy ServerApp failed on purpose" in caught.value.run.log
+    assert_all_stopped(caught.value.run)
+
+
+def test_unknown_run_config_key_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(RayRunError, match="Invalid run configuration") as caught:
+        run_on_ray(write_toy_app(tmp_path), num_supernodes=2,
+                   run_config={"no-such-key": 1}, timeout=120)
+    assert caught.value.run.run_id is None
+    assert_all_stopped(caught.value.run)
