@@ -97,8 +97,8 @@ class Config:
         _check(self.lr > 0, f"lr must be positive, got {self.lr}")
         _check(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         _check(self.max_grad_norm > 0, f"max-grad-norm must be positive, got {self.max_grad_norm}")
-        _check(not self.dp or self.noise_multiplier > 0 or self.target_epsilon > 0,
-               "with dp on, set noise-multiplier > 0 or target-epsilon > 0")
+        _check(not self.dp or self.target_epsilon > 0,
+               "with dp on, target-epsilon must be > 0: it is the budget every client keeps to")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> Config:

@@ -65,7 +65,7 @@ class GuardedStrategy(Strategy):
                 counts[kind] += 1
             else:
                 usable.append(reply)
-            if kind in ("trained", "declined"):
+            if kind in ("trained", "declined") and "epsilon" in reply.content["metrics"]:
                 epsilons[reply.metadata.src_node_id] = float(reply.content["metrics"]["epsilon"])
             if kind == "trained":
                 losses.append(float(reply.content["metrics"]["train-loss"]))

@@ -6,7 +6,7 @@ from common.metrics import evaluate_popularity
 from simulation.centralized import train_centralized
 
 SMALL = {"synthetic-users": 150, "synthetic-items": 60, "synthetic-groups": 6, "synthetic-min-len": 10,
-         "synthetic-max-len": 25, "max-len": 20, "embedding-dim": 32, "hidden-dim": 32, "epochs": 6,
+         "synthetic-max-len": 25, "max-len": 20, "embedding-dim": 32, "hidden-dim": 32, "epochs": 12,
          "batch-size": 32, "lr": 0.01, "dropout": 0.0, "dp": False}
 
 

@@ -113,25 +113,6 @@ def assert_all_stopped(run: RayRun) -> None:
     assert [pid for pid in run.pids if _is_running(pid)] == []
 
 
-def test_toy_app_completes_on_ray_and_leaves_nothing_running(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    marker = "it's a \"quoted\" value with spaces"  # survives the trip through TOML
-
-    run = run_on_ray(write_toy_app(tmp_path), num_supernodes=3,
-                     run_config={"marker": marker, "out-dir": str(out)}, timeout=300)
-
-    assert run.status == "finished:completed"
-    assert run.run_id is not None
-    assert "TOY final=[4.0, 4.0, 4.0]" in run.log  # 2 FedAvg rounds over 3 clients
-    configs = {path.name: json.loads(path.read_text()) for path in out.glob("*.json")}
-    assert sorted(configs) == ["client-0.json", "client-1.json", "client-2.json", "server.json"]
-    assert {config["marker"] for config in configs.values()} == {marker}
-    assert all(configs[f"client-{i}.json"]["ray-actor"] for i in range(3))  # ran in Ray actors
-    assert run.peak_rss_mb > 0
-    assert_all_stopped(run)
-
-
 def test_failing_server_app_raises_although_flwr_run_exits_zero(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -152,3 +133,20 @@ def test_unknown_run_config_key_is_an_error(tmp_path: Path) -> None:
                    run_config={"no-such-key": 1}, timeout=120)
     assert caught.value.run.run_id is None
     assert_all_stopped(caught.value.run)
+
+
+@pytest.mark.slow
+def test_fedrec_app_runs_two_rounds_on_ray(tmp_path: Path) -> None:
+    """The same ServerApp and ClientApp that `fedrec simulate` runs in-process, on Flower's Ray engine."""
+    out = tmp_path / "run"
+    tiny = {"synthetic-users": 60, "synthetic-items": 30, "synthetic-groups": 3, "synthetic-min-len": 8,
+            "synthetic-max-len": 14, "max-len": 12, "embedding-dim": 8, "hidden-dim": 8, "batch-size": 8,
+            "partition": "iid", "num-clients": 3, "fraction-train": 1.0, "num-server-rounds": 2,
+            "out-dir": str(out)}
+    run = run_on_ray(Path(__file__).resolve().parents[2], num_supernodes=3, run_config=tiny, timeout=300)
+    assert run.status == "finished:completed"
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[-1]["trained"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dp"]["enabled"] and summary["dp"]["clients_accounted"] == 3
+    assert_all_stopped(run)

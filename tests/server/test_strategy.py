@@ -1,0 +1,219 @@
+"""GuardedStrategy around Flower's FedAvg: bad replies are dropped and counted, sampling reproduces.
+
+A toy ClientApp stands in for the recommender. Its 'model' is one float64 array ``w``; a good
+node ``p`` replies ``w + (p + 1)`` with ``num-examples = p + 1``, so FedAvg over the good nodes
+G adds ``sum((p + 1)^2) / sum(p + 1)`` per round. The first partitions misbehave:
+
+    0: NaN weights   1: wrong shape   2: raises   3: an extra key   4: declines (budget)
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, cast
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from server.strategy import GuardedStrategy, make_strategy
+from simulation.grid import NODE_ID_OFFSET, InProcessGrid, run_server_app
+
+NAN, SHAPE, RAISES, EXTRA, DECLINES = range(5)
+BAD = (NAN, SHAPE, RAISES, EXTRA, DECLINES)
+
+
+def make_client_app(bad: tuple[int, ...] = BAD, *, declined_metrics: dict[str, Any] | None = None) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = cast(int, context.node_config["partition-id"])
+        w = msg.content["arrays"]["w"].numpy()
+        metrics = MetricRecord({"num-examples": pid + 1, "train-loss": 0.1 * pid, "epsilon": 0.5 * pid,
+                                "declined": 0})
+        arrays = {"w": Array(w + (pid + 1))}
+        if pid in bad:
+            if pid == NAN:
+                arrays = {"w": Array(np.full_like(w, np.nan))}
+            elif pid == SHAPE:
+                arrays = {"w": Array(np.zeros(len(w) + 1))}
+            elif pid == RAISES:
+                raise RuntimeError("client crashed")
+            elif pid == EXTRA:
+                arrays = {**arrays, "extra": Array(np.zeros(2))}
+            elif pid == DECLINES:
+                declined = declined_metrics if declined_metrics is not None else {
+                    "num-examples": 0, "declined": 1, "epsilon": 7.5}
+                return Message(RecordDict({"metrics": MetricRecord(declined),
+                                           "config": ConfigRecord({"reason": "privacy budget"})}), reply_to=msg)
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+class RecordingGrid(InProcessGrid):
+    """Remembers which nodes each batch of train instructions went to."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_batches: list[list[int]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            self.train_batches.append(sorted(m.metadata.dst_node_id for m in messages))
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+INITIAL = np.zeros(3)
+
+
+def run(strategy: GuardedStrategy, grid: InProcessGrid, num_rounds: int = 2) -> dict[str, Any]:
+    """Run ``strategy.start`` as a ServerApp would (inside the server's task identity)."""
+    out: dict[str, Any] = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(g: Grid, context: Context) -> None:
+        out["result"] = strategy.start(grid=g, initial_arrays=ArrayRecord({"w": Array(INITIAL.copy())}),
+                                       num_rounds=num_rounds)
+
+    run_server_app(app, grid)
+    return out
+
+
+def guarded(seed: int = 0, min_train_nodes: int = 1, fraction_train: float = 1.0, **kwargs: Any) -> GuardedStrategy:
+    inner = FedAvg(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    return GuardedStrategy(inner, seed=seed, min_train_nodes=min_train_nodes, **kwargs)
+
+
+def fedavg_step(good: list[int]) -> float:
+    weights = np.array(good) + 1.0
+    return float((weights**2).sum() / weights.sum())
+
+
+def test_only_good_replies_are_averaged_and_each_bad_kind_is_counted():
+    n = 8
+    good = [p for p in range(n) if p not in BAD]  # 5, 6, 7
+    strategy = guarded()
+    out = run(strategy, InProcessGrid(make_client_app(), n, {}), num_rounds=2)
+
+    final = out["result"].arrays["w"].numpy()
+    assert np.isfinite(final).all()
+    np.testing.assert_allclose(final, np.full(3, 2 * fedavg_step(good)))
+    assert sorted(strategy.rounds) == [1, 2]
+    for r in (1, 2):
+        book = strategy.rounds[r]
+        assert {k: book[k] for k in ("sampled", "failed", "declined", "rejected", "trained", "replied")} == {
+            "sampled": n, "failed": 1, "declined": 1, "rejected": 3, "trained": len(good),
+            "replied": n - 1}
+        assert book["aggregated"] is True
+        assert book["train_loss"] == pytest.approx(np.mean([0.1 * p for p in good]))
+        # ε of the nodes that trained or declined (a declined node still reports what it spent)
+        assert book["epsilons"] == {NODE_ID_OFFSET + p: 0.5 * p for p in good} | {NODE_ID_OFFSET + DECLINES: 7.5}
+        assert book["epsilon_max"] == 7.5
+    # FedAvg's aggregated train metrics come from the good replies only
+    metrics = out["result"].train_metrics_clientapp[2]
+    weights = np.array(good) + 1.0
+    assert metrics["epsilon"] == pytest.approx(float((weights * 0.5 * np.array(good)).sum() / weights.sum()))
+
+
+@pytest.mark.parametrize("min_train_nodes, aggregated", [(3, True), (4, False)])
+def test_too_few_usable_replies_skip_aggregation(min_train_nodes, aggregated):
+    n = 8  # 3 good replies per round
+    strategy = guarded(min_train_nodes=min_train_nodes)
+    out = run(strategy, InProcessGrid(make_client_app(), n, {}), num_rounds=2)
+
+    assert [strategy.rounds[r]["aggregated"] for r in (1, 2)] == [aggregated] * 2
+    assert strategy.rounds[2]["trained"] == 3
+    sent_in_round_2 = strategy.reference["w"].numpy()  # the global arrays round 2 started from
+    if aggregated:
+        np.testing.assert_allclose(sent_in_round_2, np.full(3, fedavg_step([5, 6, 7])))
+    else:
+        np.testing.assert_array_equal(sent_in_round_2, INITIAL)  # unchanged
+        assert len(out["result"].arrays) == 0  # never replaced by an aggregate
+        assert out["result"].train_metrics_clientapp == {}
+
+
+def test_all_good_replies_are_all_used():
+    n = 4
+    strategy = guarded()
+    out = run(strategy, InProcessGrid(make_client_app(bad=()), n, {}), num_rounds=1)
+    np.testing.assert_allclose(out["result"].arrays["w"].numpy(), np.full(3, fedavg_step(list(range(n)))))
+    book = strategy.rounds[1]
+    assert (book["sampled"], book["trained"], book["failed"], book["declined"], book["rejected"]) == (n, n, 0, 0, 0)
+
+
+def test_dtype_mismatch_and_missing_metrics_are_rejected():
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = cast(int, context.node_config["partition-id"])
+        w = msg.content["arrays"]["w"].numpy()
+        metrics = {"num-examples": 1, "train-loss": 0.0, "epsilon": 0.0}
+        if pid == 0:
+            w = w.astype(np.float32)  # right shape, wrong dtype
+        if pid == 1:
+            del metrics["epsilon"]  # a trained reply must say what it spent
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w + 1)}), "metrics": MetricRecord(metrics)}),
+                       reply_to=msg)
+
+    strategy = guarded()
+    out = run(strategy, InProcessGrid(app, 3, {}), num_rounds=1)
+    assert (strategy.rounds[1]["rejected"], strategy.rounds[1]["trained"]) == (2, 1)
+    np.testing.assert_allclose(out["result"].arrays["w"].numpy(), INITIAL + 1)
+
+
+def test_declined_reply_without_epsilon_does_not_crash_the_round():
+    n = 6
+    strategy = guarded()
+    out = run(strategy, InProcessGrid(make_client_app(bad=(DECLINES,), declined_metrics={"declined": 1}), n, {}),
+              num_rounds=1)
+    assert strategy.rounds[1]["declined"] == 1
+    assert strategy.rounds[1]["trained"] == n - 1
+    assert np.isfinite(out["result"].arrays["w"].numpy()).all()
+
+
+def sampled(seed: int, n: int = 10, num_rounds: int = 3, **kwargs: Any) -> tuple[GuardedStrategy, list[list[int]]]:
+    grid = RecordingGrid(make_client_app(bad=()), n, {})
+    strategy = guarded(seed=seed, fraction_train=0.5, **kwargs)
+    run(strategy, grid, num_rounds=num_rounds)
+    return strategy, grid.train_batches
+
+
+def test_sampling_is_reproducible_per_seed():
+    _, first = sampled(seed=7)
+    random.seed(12345)  # the process-wide random state must not matter
+    random.random()
+    _, again = sampled(seed=7)
+    _, other = sampled(seed=8)
+
+    assert [len(batch) for batch in first] == [5, 5, 5]
+    assert first == again
+    assert other != first
+    assert len({tuple(batch) for batch in first}) > 1  # rounds sample afresh
+
+
+def test_resumed_strategy_samples_the_rounds_it_replays():
+    _, full = sampled(seed=3, num_rounds=3)
+    strategy, resumed = sampled(seed=3, num_rounds=2, round_offset=1)
+    assert resumed == full[1:]
+    assert sorted(strategy.rounds) == [2, 3]
+
+
+def test_make_strategy_follows_the_config():
+    from flwr.serverapp.strategy import FedAdam
+
+    from common.config import Config
+
+    cfg = Config.from_run_config({"fraction-train": 0.3, "min-train-nodes": 3})
+    strategy = make_strategy(cfg)
+    assert type(strategy) is FedAvg
+    assert (strategy.fraction_train, strategy.min_train_nodes) == (0.3, 3)
+    adam = make_strategy(Config.from_run_config({"server-strategy": "fedadam", "server-lr": 0.05}))
+    assert isinstance(adam, FedAdam) and adam.eta == 0.05

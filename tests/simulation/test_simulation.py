@@ -1,0 +1,81 @@
+"""The in-process simulation end to end: the real ServerApp, strategy and ClientApp, no Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common.config import Config
+from common.dataset import eval_examples, load_dataset, popularity
+from common.metrics import evaluate_popularity
+from simulation.run import simulate
+
+SMALL = {"synthetic-users": 120, "synthetic-items": 50, "synthetic-groups": 5, "synthetic-min-len": 10,
+         "synthetic-max-len": 20, "max-len": 15, "embedding-dim": 32, "hidden-dim": 32, "batch-size": 16,
+         "lr": 0.02, "dropout": 0.0, "partition": "iid", "num-clients": 4, "fraction-train": 1.0,
+         "local-epochs": 5, "num-server-rounds": 3}
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_three_rounds_learn_and_beat_popularity(tmp_path):
+    out = tmp_path / "run"
+    cfg = Config.from_run_config({**SMALL, "dp": False, "out-dir": str(out)})
+    summary = simulate(cfg, quiet=True)
+    rounds = _metrics(out)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert all(r["trained"] == 4 and r["failed"] == r["declined"] == r["rejected"] == 0 for r in rounds[1:])
+    assert rounds[-1]["ndcg@10"] > rounds[0]["ndcg@10"] + 0.05
+    data = load_dataset(cfg)
+    inputs, _, targets = eval_examples(data.sequences, "valid", cfg.max_len)
+    popular = evaluate_popularity(popularity(data.sequences, data.num_items), targets, data.num_items, inputs=inputs)
+    assert rounds[-1]["ndcg@10"] > 1.5 * popular["ndcg@10"]
+    assert summary["test"]["ndcg@10"] > summary["popularity_test"]["ndcg@10"]
+    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "summary.json", "model.pt",
+                                               "items.json", "checkpoint.pt"}
+    assert "item_embedding.weight" in torch.load(out / "model.pt", weights_only=True)
+
+
+def test_dp_run_reports_cumulative_epsilon(tmp_path):
+    out = tmp_path / "dp"
+    cfg = Config.from_run_config({**SMALL, "dp": True, "target-epsilon": 5.0, "out-dir": str(out), "local-epochs": 1})
+    summary = simulate(cfg, quiet=True)
+    eps = [r["epsilon_max"] for r in _metrics(out)[1:]]
+    assert eps == sorted(eps) and eps[0] > 0
+    assert eps[-1] <= 5.0 + 1e-6 and summary["dp"]["epsilon_max"] == pytest.approx(eps[-1])
+    assert summary["dp"]["clients_accounted"] == 4 and "window" in summary["dp"]["unit"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    import server.server_app as server_app
+
+    settings = {**SMALL, "dp": True, "target-epsilon": 8.0, "local-epochs": 1, "num-server-rounds": 4,
+                "fraction-train": 0.5, "min-train-nodes": 1}
+    whole = tmp_path / "whole"
+    simulate(Config.from_run_config({**settings, "out-dir": str(whole)}), quiet=True)
+
+    cut = tmp_path / "cut"
+    original = server_app._checkpoint
+
+    def crash_after_round_two(out, done, *args, **kwargs):
+        original(out, done, *args, **kwargs)
+        if done == 2:
+            raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(server_app, "_checkpoint", crash_after_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(Config.from_run_config({**settings, "out-dir": str(cut)}), quiet=True)
+    assert not (cut / "summary.json").exists()
+    monkeypatch.setattr(server_app, "_checkpoint", original)
+    simulate(Config.from_run_config({**settings, "out-dir": str(cut), "resume": True}), quiet=True)
+
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(whole)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(cut)]
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (whole, cut))
+    assert s1["test"] == s2["test"] and s1["dp"] == s2["dp"]
