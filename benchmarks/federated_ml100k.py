@@ -22,7 +22,8 @@ from typing import Any
 
 from benchmarks.report import ROOT, require_shared, write_section
 
-COMMON = {"dataset": "ml-100k", "kcore": "0", "max-len": "50"}
+COMMON = {"dataset": "ml-100k", "kcore": "0", "max-len": "50", "embedding-dim": "64", "hidden-dim": "64",
+          "dropout": "0.1", "batch-size": "64"}
 CROSS_DEVICE = {"partition": "user", "fraction-train": "0.1", "local-epochs": "5", "lr": "0.01"}
 CROSS_SILO = {"partition": "iid", "num-clients": "10", "fraction-train": "1.0", "local-epochs": "1", "lr": "0.003"}
 DP = {"dp": "true", "batch-size": "64", "max-grad-norm": "1.0", "delta": "1e-5"}

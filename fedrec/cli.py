@@ -39,6 +39,18 @@ MinRating = Annotated[Optional[float], _opt("min-rating", "Keep ratings >= this 
 MaxLen = Annotated[Optional[int], _opt("max-len", "Items of history the model reads")]
 Seed = Annotated[Optional[int], _opt("seed", "Seed of data generation, partitioning and training")]
 Out = Annotated[Path, typer.Option(help="Folder for config.json, metrics.jsonl, summary.json, model.pt")]
+# Options shared by the training commands.
+BatchSize = Annotated[Optional[int], _opt("batch-size", "Windows per batch (expected size under DP)")]
+Lr = Annotated[Optional[float], _opt("lr", "Learning rate")]
+Dp = Annotated[Optional[bool], _opt("dp", "DP-SGD (Opacus) on every training step", "--dp/--no-dp")]
+NoiseMultiplier = Annotated[Optional[float], _opt("noise-multiplier", "DP noise σ (0: derive from --target-epsilon)")]
+TargetEpsilon = Annotated[Optional[float], _opt("target-epsilon", "DP budget ε for all of training")]
+Delta = Annotated[Optional[float], _opt("delta", "DP δ")]
+MaxGradNorm = Annotated[Optional[float], _opt("max-grad-norm", "DP per-window clipping norm")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress lines")]
+EmbeddingDim = Annotated[Optional[int], _opt("embedding-dim", "Item embedding width")]
+HiddenDim = Annotated[Optional[int], _opt("hidden-dim", "LSTM width")]
+Dropout = Annotated[Optional[float], _opt("dropout", "Dropout")]
 
 
 def _config(**options: Any) -> Config:
@@ -56,19 +68,19 @@ def train_command(
     max_len: MaxLen = None,
     seed: Seed = None,
     epochs: Annotated[Optional[int], _opt("epochs", "Most epochs (early stopping on validation NDCG@10)")] = None,
-    batch_size: Annotated[Optional[int], _opt("batch-size", "Windows per batch (expected size under DP)")] = None,
-    lr: Annotated[Optional[float], _opt("lr", "Adam learning rate")] = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
     patience: Annotated[Optional[int], _opt("patience", "Epochs without validation gain before stopping")] = None,
-    embedding_dim: Annotated[Optional[int], _opt("embedding-dim", "Item embedding width")] = None,
-    hidden_dim: Annotated[Optional[int], _opt("hidden-dim", "LSTM width")] = None,
-    dropout: Annotated[Optional[float], _opt("dropout", "Dropout")] = None,
+    embedding_dim: EmbeddingDim = None,
+    hidden_dim: HiddenDim = None,
+    dropout: Dropout = None,
     weight_decay: Annotated[Optional[float], _opt("weight-decay", "L2 penalty")] = None,
-    dp: Annotated[Optional[bool], _opt("dp", "Train with DP-SGD (Opacus)", "--dp/--no-dp")] = None,
-    noise_multiplier: Annotated[Optional[float], _opt("noise-multiplier", "DP noise σ (0: derive from --target-epsilon)")] = None,
-    target_epsilon: Annotated[Optional[float], _opt("target-epsilon", "DP budget ε for the whole training")] = None,
-    delta: Annotated[Optional[float], _opt("delta", "DP δ")] = None,
-    max_grad_norm: Annotated[Optional[float], _opt("max-grad-norm", "DP per-window clipping norm")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines")] = False,
+    dp: Dp = None,
+    noise_multiplier: NoiseMultiplier = None,
+    target_epsilon: TargetEpsilon = None,
+    delta: Delta = None,
+    max_grad_norm: MaxGradNorm = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train the model centrally (the baseline federated runs are compared with)."""
     from simulation.centralized import train_centralized
@@ -101,15 +113,18 @@ def simulate_command(
     fraction_train: Annotated[Optional[float], _opt("fraction-train", "Share of clients sampled per round")] = None,
     min_train_nodes: Annotated[Optional[int], _opt("min-train-nodes", "Fewest usable replies to aggregate a round")] = None,
     local_epochs: Annotated[Optional[int], _opt("local-epochs", "Epochs of local training per round")] = None,
-    batch_size: Annotated[Optional[int], _opt("batch-size", "Windows per local batch (expected size under DP)")] = None,
-    lr: Annotated[Optional[float], _opt("lr", "Local learning rate")] = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    embedding_dim: EmbeddingDim = None,
+    hidden_dim: HiddenDim = None,
+    dropout: Dropout = None,
     holdout_users: Annotated[Optional[float], _opt("holdout-users", "Share of users kept out of training for the server")] = None,
-    dp: Annotated[Optional[bool], _opt("dp", "Local DP-SGD on every client", "--dp/--no-dp")] = None,
-    noise_multiplier: Annotated[Optional[float], _opt("noise-multiplier", "DP noise σ (0: derive from --target-epsilon)")] = None,
-    target_epsilon: Annotated[Optional[float], _opt("target-epsilon", "Each client's DP budget ε over all rounds")] = None,
-    delta: Annotated[Optional[float], _opt("delta", "DP δ")] = None,
-    max_grad_norm: Annotated[Optional[float], _opt("max-grad-norm", "DP per-window clipping norm")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines")] = False,
+    dp: Dp = None,
+    noise_multiplier: NoiseMultiplier = None,
+    target_epsilon: TargetEpsilon = None,
+    delta: Delta = None,
+    max_grad_norm: MaxGradNorm = None,
+    quiet: Quiet = False,
 ) -> None:
     """Federated training of many clients in this process (the ServerApp and ClientApp, no Ray)."""
     from simulation.run import simulate

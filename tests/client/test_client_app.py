@@ -32,7 +32,7 @@ from simulation.grid import InProcessGrid, _server_task_identity, _set_message_i
 TINY: dict[str, Any] = {
     "synthetic-users": 40, "synthetic-items": 30, "synthetic-groups": 3, "synthetic-min-len": 8,
     "synthetic-max-len": 14, "max-len": 12, "embedding-dim": 8, "hidden-dim": 8, "batch-size": 8,
-    "partition": "iid", "num-clients": 4,
+    "partition": "iid", "num-clients": 4, "local-epochs": 1, "num-server-rounds": 10, "lr": 0.003,
 }
 # An explicit σ skips the noise search (slow); the budget is large enough for every round here.
 DP: dict[str, Any] = {**TINY, "noise-multiplier": 1.0, "target-epsilon": 50.0}

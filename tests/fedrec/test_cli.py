@@ -11,7 +11,6 @@ import torch
 
 from fedrec.cli import main
 
-TINY = ["--synthetic-users", "80", "--synthetic-items", "40"]
 FAST = ["--epochs", "2", "--embedding-dim", "16", "--hidden-dim", "16", "--max-len", "15"]
 
 
