@@ -5,7 +5,7 @@ engine against the in-process engine.
 
 Each setting runs as its own `fedrec simulate` process, so its peak memory is its own.
 
-    python -m benchmarks.federated_ml100k [--only NAME ...] [--rounds R]
+    python -m benchmarks.federated_ml100k [--only NAME ...] [--rounds R] [--engines R]
 """
 
 from __future__ import annotations
@@ -61,10 +61,43 @@ def run_setting(name: str, settings: dict[str, str], rounds: int, data_dir: Path
             "peak_mb": usage.ru_maxrss / 1024}
 
 
+def engines_side_by_side(rounds: int, data_dir: Path, workdir: Path) -> str:
+    """The same cross-silo non-private rounds in-process and on Flower's Ray engine."""
+    from simulation.ray_engine import run_on_ray
+
+    settings = {**CROSS_SILO, "dp": "false"}
+    local = run_setting("in-process", settings, rounds, data_dir, workdir)
+    out = workdir / "ray"
+    config = {**COMMON, **settings, "data-dir": str(data_dir), "num-server-rounds": rounds, "out-dir": str(out)}
+    ray = run_on_ray(ROOT, num_supernodes=10, run_config={k: _typed(v) for k, v in config.items()}, timeout=1800)
+    ray_rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    per_round = {"in-process": sum(r["seconds"] for r in local["rounds"][1:]) / rounds,
+                 "Ray": sum(r["seconds"] for r in ray_rounds) / rounds}
+    return "\n".join([
+        "", f"Engines, cross-silo non-private, {rounds} rounds of 10 clients:", "",
+        "| engine | s/round | whole run s | peak MB |", "|---|---|---|---|",
+        f"| in-process (`fedrec simulate`) | {per_round['in-process']:.1f} | {local['wall']:.1f} | {local['peak_mb']:.0f} |",
+        f"| Flower Ray engine (`flwr run`, 10 SuperNodes) | {per_round['Ray']:.1f} | {ray.wall_s:.1f} | {ray.peak_rss_mb:.0f} (all processes) |",
+        "", f"Ray / in-process seconds per round: {per_round['Ray'] / per_round['in-process']:.2f}×.",
+    ])
+
+
+def _typed(value: str) -> object:
+    """Run-config values as TOML types for `flwr run` (the CLI path takes strings)."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value, value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=list(SETTINGS), help="settings to run")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--engines", type=int, default=0, metavar="R",
+                        help="also compare R rounds in-process and on Ray (0: skip)")
     args = parser.parse_args()
     data_dir = require_shared("ml-100k")
     rows = []
@@ -80,6 +113,7 @@ def main() -> None:
                         f"{len(per_round)} | {clients:.0f} of {s['setting']['clients']} | {seconds:.1f} | "
                         f"{result['peak_mb']:.0f} |")
             print(rows[-1], flush=True)
+        engines = engines_side_by_side(args.engines, data_dir, Path(tmp)) if args.engines else ""
     write_section("federated-ml100k", "\n".join([
         "## Federated training on MovieLens 100K",
         "",
@@ -90,6 +124,7 @@ def main() -> None:
         "clients per round | s/round | peak MB |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
+        engines,
     ]))
 
 
