@@ -181,8 +181,6 @@ def _restore(out: Path | None, strategy: GuardedStrategy, grid: Grid, model: tor
     inner = strategy.inner
     for name, values in saved["optimizer"].items():
         setattr(inner, name, {k: v.numpy() for k, v in values.items()})
-    if getattr(inner, "m_t", None) is not None or "m_t" in saved["optimizer"]:
-        inner.current_arrays = {k: v.numpy() for k, v in saved["arrays"].items()}
     if saved["clients"] and hasattr(grid, "restore"):
         grid.restore(json.loads(saved["clients"]))
     lines = (out / artifacts.METRICS).read_text().splitlines() if (out / artifacts.METRICS).exists() else []

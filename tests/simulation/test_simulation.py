@@ -79,3 +79,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(cut)]
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (whole, cut))
     assert s1["test"] == s2["test"] and s1["dp"] == s2["dp"]
+
+
+def test_fedadam_runs_and_checkpoints_its_moments(tmp_path):
+    out = tmp_path / "adam"
+    cfg = Config.from_run_config({**SMALL, "dp": False, "server-strategy": "fedadam", "server-lr": 0.01,
+                                  "num-server-rounds": 2, "local-epochs": 1, "out-dir": str(out)})
+    summary = simulate(cfg, quiet=True)
+    assert summary["setting"]["strategy"] == "fedadam"
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["round"] == 2 and set(saved["optimizer"]) == {"m_t", "v_t"}
+    assert set(saved["optimizer"]["m_t"]) == set(saved["arrays"])
