@@ -42,10 +42,16 @@ CHECKPOINT = "checkpoint.pt"
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     if not log.handlers:  # under `flwr run` nothing else shows fedrec's round lines
-        log.addHandler(logging.StreamHandler(sys.stdout))
-        log.setLevel(logging.INFO)
-        log.propagate = False
+        show_progress(True)
     run_federated(grid, Config.from_run_config(context.run_config))
+
+
+def show_progress(enabled: bool) -> None:
+    """Print fedrec's one line per round (once: Flower configures the root logger too)."""
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stdout))
+        log.propagate = False
+    log.setLevel(logging.INFO if enabled else logging.WARNING)
 
 
 def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
@@ -124,8 +130,8 @@ def _arrays_of(model: torch.nn.Module) -> ArrayRecord:
 
 def _round_record(done: int, seconds: float, book: dict[str, Any], metrics: dict[str, float] | None) -> dict[str, Any]:
     record: dict[str, Any] = {"round": done, "seconds": seconds}
-    for key in ("sampled", "trained", "declined", "failed", "rejected", "train_loss", "epsilon_max", "epsilon_median"):
-        record[key] = book.get(key, 0 if key in ("sampled", "trained", "declined", "failed", "rejected") else None)
+    record.update({k: book.get(k, 0) for k in ("sampled", "trained", "declined", "failed", "rejected")})
+    record.update({k: book.get(k) for k in ("train_loss", "epsilon_max", "epsilon_median")})
     if metrics is not None:
         record.update({k: metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
     record.update({f"federated_{k}": v for k, v in book.get("federated", {}).items()})

@@ -14,7 +14,7 @@ from client.client_app import app as client_app
 from common import artifacts
 from common.config import Config
 from common.federation import federation
-from server.server_app import app as server_app
+from server.server_app import app as server_app, show_progress
 from simulation.grid import InProcessGrid, run_server_app
 
 
@@ -23,11 +23,7 @@ def simulate(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
     if not cfg.out_dir:
         raise artifacts.OutputExistsError("a simulation needs an output folder (--out)")
     logging.getLogger("flwr").setLevel(logging.WARNING)  # fedrec prints its own line per round
-    fedrec_log = logging.getLogger("fedrec")
-    if not fedrec_log.handlers:
-        fedrec_log.addHandler(logging.StreamHandler())
-        fedrec_log.propagate = False  # Flower configures the root logger too: print once
-    fedrec_log.setLevel(logging.WARNING if quiet else logging.INFO)
+    show_progress(not quiet)
     grid = InProcessGrid(client_app, len(federation(cfg).clients), cfg.to_run_config())
     run_server_app(server_app, grid)
     return artifacts.read_json(Path(cfg.out_dir) / artifacts.SUMMARY)
