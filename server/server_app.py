@@ -64,7 +64,7 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, fed.data.num_items)
     strategy = GuardedStrategy(make_strategy(cfg), seed=cfg.seed, min_train_nodes=cfg.min_train_nodes)
-    state = {"round": 0, "elapsed": 0.0, "epsilons": {}}
+    state = {"round": 0, "elapsed": 0.0, "epsilons": {}, "arrays": ArrayRecord(model.state_dict())}
     if cfg.resume:
         state = _restore(out, strategy, grid, model)
         strategy.round_offset = state["round"]
@@ -94,11 +94,11 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
         if out is not None:
             artifacts.append_jsonl(out / artifacts.METRICS, record)
             _checkpoint(out, done, arrays, strategy, grid, now - clock[0], state["epsilons"])
-        return MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None})
+        return MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float))})
 
-    result = strategy.start(grid=grid, initial_arrays=_arrays_of(model) if not cfg.resume else state["arrays"],
+    result = strategy.start(grid=grid, initial_arrays=state["arrays"],
                             num_rounds=cfg.num_server_rounds - state["round"], evaluate_fn=end_of_round)
-    final = result.arrays if len(result.arrays.keys()) else (state.get("arrays") or _arrays_of(model))
+    final = result.arrays if len(result.arrays.keys()) else state["arrays"]
     model.load_state_dict(final.to_torch_state_dict())
     epsilons = list(state["epsilons"].values())
     summary = {
@@ -122,10 +122,6 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
         artifacts.save_model(out / artifacts.MODEL, model)
         artifacts.write_items(out / artifacts.ITEMS, fed.data)
     return summary
-
-
-def _arrays_of(model: torch.nn.Module) -> ArrayRecord:
-    return ArrayRecord(model.state_dict())
 
 
 def _round_record(done: int, seconds: float, book: dict[str, Any], metrics: dict[str, float] | None) -> dict[str, Any]:
