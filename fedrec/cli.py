@@ -51,6 +51,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", help="No progress lines")]
 EmbeddingDim = Annotated[Optional[int], _opt("embedding-dim", "Item embedding width")]
 HiddenDim = Annotated[Optional[int], _opt("hidden-dim", "LSTM width")]
 Dropout = Annotated[Optional[float], _opt("dropout", "Dropout")]
+WeightDecay = Annotated[Optional[float], _opt("weight-decay", "L2 penalty")]
 
 
 def _config(**options: Any) -> Config:
@@ -74,7 +75,7 @@ def train_command(
     embedding_dim: EmbeddingDim = None,
     hidden_dim: HiddenDim = None,
     dropout: Dropout = None,
-    weight_decay: Annotated[Optional[float], _opt("weight-decay", "L2 penalty")] = None,
+    weight_decay: WeightDecay = None,
     dp: Dp = None,
     noise_multiplier: NoiseMultiplier = None,
     target_epsilon: TargetEpsilon = None,
@@ -115,9 +116,14 @@ def simulate_command(
     local_epochs: Annotated[Optional[int], _opt("local-epochs", "Epochs of local training per round")] = None,
     batch_size: BatchSize = None,
     lr: Lr = None,
+    optimizer: Annotated[Optional[str], _opt("optimizer", "Clients' optimizer: adam or sgd")] = None,
+    server_strategy: Annotated[Optional[str], _opt("server-strategy", "fedavg or fedadam")] = None,
+    server_lr: Annotated[Optional[float], _opt("server-lr", "Server learning rate (FedAdam's η)")] = None,
+    eval_every: Annotated[Optional[int], _opt("eval-every", "Rounds between central evaluations")] = None,
     embedding_dim: EmbeddingDim = None,
     hidden_dim: HiddenDim = None,
     dropout: Dropout = None,
+    weight_decay: WeightDecay = None,
     holdout_users: Annotated[Optional[float], _opt("holdout-users", "Share of users kept out of training for the server")] = None,
     dp: Dp = None,
     noise_multiplier: NoiseMultiplier = None,

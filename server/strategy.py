@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
@@ -77,7 +77,8 @@ class GuardedStrategy(Strategy):
             book["aggregated"] = False
             return None, None
         book["aggregated"] = True
-        return self.inner.aggregate_train(server_round, usable)
+        arrays, metrics = self.inner.aggregate_train(server_round, usable)
+        return _cast_like(arrays, self.reference), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -104,6 +105,14 @@ class GuardedStrategy(Strategy):
         if "metrics" not in content or not all(k in content["metrics"] for k in ("num-examples", "train-loss", "epsilon")):
             return "rejected"
         return "trained"
+
+
+def _cast_like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
+    """The aggregate in the global model's dtypes: flwr 1.42's FedAdam returns float64 (NumPy
+    promotes its float64 step size), which the next round's replies, float32, would not match."""
+    if arrays is None or all(arrays[k].dtype == reference[k].dtype for k in reference.keys()):
+        return arrays
+    return ArrayRecord({k: Array(arrays[k].numpy().astype(reference[k].numpy().dtype)) for k in arrays.keys()})
 
 
 def _matches(arrays: ArrayRecord | None, reference: ArrayRecord | None) -> bool:

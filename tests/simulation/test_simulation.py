@@ -87,6 +87,8 @@ def test_fedadam_runs_and_checkpoints_its_moments(tmp_path):
                                   "num-server-rounds": 2, "local-epochs": 1, "out-dir": str(out)})
     summary = simulate(cfg, quiet=True)
     assert summary["setting"]["strategy"] == "fedadam"
+    last = _metrics(out)[-1]
+    assert last["trained"] == last["sampled"] > 0 and last["rejected"] == 0  # round 2 used FedAdam's weights
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["round"] == 2 and set(saved["optimizer"]) == {"m_t", "v_t"}
     assert set(saved["optimizer"]["m_t"]) == set(saved["arrays"])
