@@ -6,6 +6,8 @@ engine against the in-process engine.
 Each setting runs as its own `fedrec simulate` process, so its peak memory is its own.
 
     python -m benchmarks.federated_ml100k [--only NAME ...] [--rounds R] [--engines R]
+
+Each recipe names its own rounds; `--rounds` overrides them all (for a quick look).
 """
 
 from __future__ import annotations
@@ -24,25 +26,32 @@ from benchmarks.report import ROOT, require_shared, write_section
 
 COMMON = {"dataset": "ml-100k", "kcore": "0", "max-len": "50", "embedding-dim": "64", "hidden-dim": "64",
           "dropout": "0.1", "batch-size": "64"}
-CROSS_DEVICE = {"partition": "user", "fraction-train": "0.1", "local-epochs": "5", "lr": "0.01"}
-CROSS_SILO = {"partition": "iid", "num-clients": "10", "fraction-train": "1.0", "local-epochs": "1", "lr": "0.003"}
-DP = {"dp": "true", "batch-size": "64", "max-grad-norm": "1.0", "delta": "1e-5"}
+# Recipes (what the trials recorded in BENCHMARKS.md found): cross-device clients hold one to
+# three windows, so local work is one SGD epoch and progress comes from many cheap rounds;
+# cross-silo clients hold ~240 windows and take two Adam epochs a round.
+CROSS_DEVICE = {"partition": "user", "fraction-train": "0.1", "local-epochs": "1", "optimizer": "sgd", "lr": "5",
+                "dropout": "0.3", "num-server-rounds": "150"}
+CROSS_SILO = {"partition": "iid", "num-clients": "10", "fraction-train": "1.0", "local-epochs": "2",
+              "batch-size": "32", "lr": "0.003", "dropout": "0.3", "num-server-rounds": "20"}
+DP = {"dp": "true", "max-grad-norm": "1.0", "delta": "1e-5"}
+SILO_DP = {**DP, "batch-size": "128", "lr": "0.01", "local-epochs": "1", "dropout": "0.1"}
+DEVICE_DP = {**DP, "num-server-rounds": "10"}  # a DP round costs ~15x a plain one here
 SETTINGS: dict[str, dict[str, str]] = {
     "cross-device, non-private": {**CROSS_DEVICE, "dp": "false"},
-    "cross-device, DP ε=8": {**CROSS_DEVICE, **DP, "target-epsilon": "8"},
-    "cross-device, DP ε=1": {**CROSS_DEVICE, **DP, "target-epsilon": "1"},
+    "cross-device, DP ε=8": {**CROSS_DEVICE, **DEVICE_DP, "target-epsilon": "8"},
+    "cross-device, DP ε=1": {**CROSS_DEVICE, **DEVICE_DP, "target-epsilon": "1"},
     "cross-silo, non-private": {**CROSS_SILO, "dp": "false"},
-    "cross-silo, DP ε=8": {**CROSS_SILO, **DP, "target-epsilon": "8", "batch-size": "128", "lr": "0.01"},
-    "cross-silo, DP ε=1": {**CROSS_SILO, **DP, "target-epsilon": "1", "batch-size": "128", "lr": "0.01"},
+    "cross-silo, DP ε=8": {**CROSS_SILO, **SILO_DP, "target-epsilon": "8"},
+    "cross-silo, DP ε=1": {**CROSS_SILO, **SILO_DP, "target-epsilon": "1"},
 }
 # FLAGS maps run-config keys to `fedrec simulate` options where the names differ.
 FLAGS = {"num-server-rounds": "rounds"}
 
 
-def run_setting(name: str, settings: dict[str, str], rounds: int, data_dir: Path, workdir: Path) -> dict[str, Any]:
+def run_setting(name: str, settings: dict[str, str], data_dir: Path, workdir: Path) -> dict[str, Any]:
     """`fedrec simulate` in a child process; returns its summary, rounds and peak RSS."""
     out = workdir / name.replace(" ", "_").replace(",", "").replace("=", "")
-    options = {**COMMON, "data-dir": str(data_dir), "num-server-rounds": str(rounds), **settings}
+    options = {**COMMON, "data-dir": str(data_dir), **settings}
     argv = [sys.executable, "-m", "fedrec", "simulate", "--out", str(out), "--quiet"]
     for key, value in options.items():
         flag = FLAGS.get(key, key)
@@ -61,25 +70,34 @@ def run_setting(name: str, settings: dict[str, str], rounds: int, data_dir: Path
             "peak_mb": usage.ru_maxrss / 1024}
 
 
+ENGINE_SETTINGS = {"cross-silo": (CROSS_SILO, 10), "cross-device": (CROSS_DEVICE, 943)}
+
+
 def engines_side_by_side(rounds: int, data_dir: Path, workdir: Path) -> str:
-    """The same cross-silo non-private rounds in-process and on Flower's Ray engine."""
+    """The same non-private rounds in-process and on Flower's Ray engine, for both settings."""
     from simulation.ray_engine import run_on_ray
 
-    settings = {**CROSS_SILO, "dp": "false"}
-    local = run_setting("in-process", settings, rounds, data_dir, workdir)
-    out = workdir / "ray"
-    config = {**COMMON, **settings, "data-dir": str(data_dir), "num-server-rounds": rounds, "out-dir": str(out)}
-    ray = run_on_ray(ROOT, num_supernodes=10, run_config={k: _typed(v) for k, v in config.items()}, timeout=1800)
-    ray_rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    per_round = {"in-process": sum(r["seconds"] for r in local["rounds"][1:]) / rounds,
-                 "Ray": sum(r["seconds"] for r in ray_rounds) / rounds}
+    rows = []
+    for name, (recipe, supernodes) in ENGINE_SETTINGS.items():
+        settings = {**recipe, "dp": "false", "num-server-rounds": str(rounds)}
+        local = run_setting(f"in-process {name}", settings, data_dir, workdir)
+        out = workdir / f"ray-{name}"
+        config = {**COMMON, **settings, "data-dir": str(data_dir), "out-dir": str(out)}
+        ray = run_on_ray(ROOT, num_supernodes=supernodes, run_config={k: _typed(v) for k, v in config.items()},
+                         timeout=1800)
+        ray_rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+        local_s = sum(r["seconds"] for r in local["rounds"][1:]) / rounds
+        ray_s = sum(r["seconds"] for r in ray_rounds) / rounds
+        rows.append(f"| {name}, {supernodes} clients, {ray_rounds[0]['sampled']} a round | {local_s:.1f} | {ray_s:.1f} | "
+                    f"{ray_s / local_s:.1f}× | {local['wall']:.1f} / {ray.wall_s:.1f} | "
+                    f"{local['peak_mb']:.0f} / {ray.peak_rss_mb:.0f} |")
+        print(rows[-1], flush=True)
     return "\n".join([
         "## In-process engine against Flower's Ray engine (MovieLens 100K)", "",
-        f"Cross-silo non-private, {rounds} rounds of 10 clients, the same app and settings on both engines.", "",
-        "| engine | s/round | whole run s | peak MB |", "|---|---|---|---|",
-        f"| in-process (`fedrec simulate`) | {per_round['in-process']:.1f} | {local['wall']:.1f} | {local['peak_mb']:.0f} |",
-        f"| Flower Ray engine (`flwr run`, 10 SuperNodes) | {per_round['Ray']:.1f} | {ray.wall_s:.1f} | {ray.peak_rss_mb:.0f} (all processes) |",
-        "", f"Ray / in-process seconds per round: {per_round['Ray'] / per_round['in-process']:.2f}×.",
+        f"Non-private, {rounds} rounds, the same app and settings on both engines (Ray: one SuperNode "
+        "per client, one CPU per ClientApp actor). Peak memory of Ray is the sum over all its processes.", "",
+        "| setting | in-process s/round | Ray s/round | Ray / in-process | whole run s (in-process / Ray) | "
+        "peak MB (in-process / Ray) |", "|---|---|---|---|---|---|", *rows,
     ])
 
 
@@ -96,7 +114,7 @@ def _typed(value: str) -> object:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=list(SETTINGS), help="settings to run (none: only --engines)")
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds for every setting (default: its recipe's)")
     parser.add_argument("--engines", type=int, default=0, metavar="R",
                         help="also compare R rounds in-process and on Ray (0: skip)")
     args = parser.parse_args()
@@ -104,7 +122,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only:
-            result = run_setting(name, SETTINGS[name], args.rounds, data_dir, Path(tmp))
+            settings = {**SETTINGS[name], **({"num-server-rounds": str(args.rounds)} if args.rounds else {})}
+            result = run_setting(name, settings, data_dir, Path(tmp))
             s, per_round = result["summary"], result["rounds"][1:]
             t, p = s["test"], s["popularity_test"]
             eps = f"{s['dp']['epsilon_max']:.2f}" if s["dp"]["enabled"] else "∞"

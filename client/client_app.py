@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client.training import batches_per_epoch, noise_multiplier_for, train
 from common.config import Config
-from common.federation import ClientData, client_data
+from common.federation import ClientData, client_data, local_client_data
 from common.metrics import evaluate_model
 from common.model import build_model
 from common.privacy import Ledger
@@ -31,9 +31,8 @@ LEDGER = "privacy-ledger"  # key in Context.state, and file name under a node's 
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
     cfg = Config.from_run_config(context.run_config)
-    partition = int(context.node_config["partition-id"])
     server_round = int(msg.content["config"]["server-round"])
-    data = client_data(cfg, partition)
+    data = _data(cfg, msg, context)
     model = _global_model(msg, cfg, data)
     ledger = load_ledger(context)
     sigma = None
@@ -44,7 +43,7 @@ def train_round(msg: Message, context: Context) -> Message:
         if after > cfg.target_epsilon * (1 + 1e-9):
             return _declined(msg, ledger.epsilon(cfg.delta), after, cfg.target_epsilon)
     result = train(model, data.windows, cfg, epochs=cfg.local_epochs, noise_multiplier=sigma,
-                   history=ledger.history, seed=_seed(cfg.seed, server_round, partition))
+                   history=ledger.history, seed=_seed(cfg.seed, server_round, _client_key(context)))
     if cfg.dp:
         ledger = ledger.extended(result.history)
         save_ledger(context, ledger)
@@ -57,7 +56,7 @@ def train_round(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_round(msg: Message, context: Context) -> Message:
     cfg = Config.from_run_config(context.run_config)
-    data = client_data(cfg, int(context.node_config["partition-id"]))
+    data = _data(cfg, msg, context)
     metrics = evaluate_model(_global_model(msg, cfg, data), *data.valid, data.num_items,
                              ks=(10,), mask_history=cfg.mask_history)
     users = metrics.pop("users")
@@ -81,6 +80,15 @@ def save_ledger(context: Context, ledger: Ledger) -> None:
         context.state.config_records[LEDGER] = ConfigRecord({"ledger": ledger.to_json()})
 
 
+def _data(cfg: Config, msg: Message, context: Context) -> ClientData:
+    """This node's own file in deployment (`data-path` in its node config), else its simulated partition."""
+    node = context.node_config
+    if "data-path" in node:
+        items = [str(i) for i in msg.content["config"]["items"]]
+        return local_client_data(cfg, str(node["data-path"]), str(node.get("data-format", "seq")), items)
+    return client_data(cfg, int(node["partition-id"]))
+
+
 def _global_model(msg: Message, cfg: Config, data: ClientData) -> torch.nn.Module:
     model = build_model(cfg, data.num_items)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -95,7 +103,12 @@ def _declined(msg: Message, spent: float, after: float, target: float) -> Messag
                    reply_to=msg)
 
 
-def _seed(seed: int, server_round: int, partition: int) -> int:
+def _client_key(context: Context) -> int:
+    """What names this client across restarts: its partition in simulation, its node id deployed."""
+    return int(context.node_config.get("partition-id", context.node_id))
+
+
+def _seed(seed: int, server_round: int, client: int) -> int:
     """A distinct, reproducible seed per (run, round, client): resumed runs replay exactly."""
-    digest = hashlib.sha256(f"{seed}/{server_round}/{partition}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}/{server_round}/{client}".encode()).digest()
     return int.from_bytes(digest[:4], "little")

@@ -15,7 +15,7 @@ from typing import Any
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
-PARTITIONS = ("user", "iid", "skew")
+PARTITIONS = ("user", "iid", "skew", "devices")  # devices: clients bring their own data (deployment)
 STRATEGIES = ("fedavg", "fedadam")
 OPTIMIZERS = ("adam", "sgd")
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "ml-latest", "seq", "inter", "csv")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import numpy as np
 
+from common.artifacts import staged_output
 from common.config import Config
 from common.dataset import SequenceData, eval_examples, load_dataset, training_windows
+from common.errors import DataError
 from common.partition import partition_users, popularity_groups, user_labels
 
 
@@ -36,6 +39,8 @@ class ClientData:
 def federation(cfg: Config) -> Federation:
     """Load the data set once per process and split it between the server and the clients."""
     data = load_dataset(cfg)
+    if cfg.partition == "devices":  # deployment: the server's data is all held out, clients hold their own
+        return Federation(data, np.arange(len(data.sequences)), [])
     users = np.random.default_rng(cfg.seed).permutation(len(data.sequences))
     cut = int(round(cfg.holdout_users * len(users)))
     holdout, training = np.sort(users[:cut]), np.sort(users[cut:])
@@ -45,6 +50,48 @@ def federation(cfg: Config) -> Federation:
         labels = user_labels([data.sequences[u] for u in training], groups)
     parts = partition_users(len(training), cfg.partition, cfg.num_clients, cfg.seed, labels, cfg.skew_alpha)
     return Federation(data, holdout, [training[p] for p in parts])
+
+
+def catalogue(cfg: Config) -> list[str]:
+    """The raw item ids the model scores, in model order: the server's data set defines them."""
+    return [str(i) for i in federation(cfg).data.item_ids.tolist()]
+
+
+def local_client_data(cfg: Config, path: str, fmt: str, items: list[str]) -> ClientData:
+    """A deployed client's own file, in the server's item order (items it does not know are dropped).
+
+    The file is read with the foundation's loaders (`fmt` is a `dataset` value) and cleaned with the
+    run's settings, except k-core, which is a property of a whole data set, not of one device's.
+    """
+    local = load_dataset(dataclasses.replace(cfg, dataset=fmt, data_dir=path, kcore=0))
+    index = {raw: i + 1 for i, raw in enumerate(items)}
+    to_global = np.array([0] + [index.get(str(raw), 0) for raw in local.item_ids.tolist()], dtype=np.int64)
+    sequences = [s[s > 0] for s in (to_global[seq] for seq in local.sequences)]
+    sequences = [s for s in sequences if len(s) >= 3]
+    if not sequences:
+        raise DataError(f"{path}: no user has 3 or more interactions with items the server knows")
+    return ClientData(training_windows(sequences, cfg.max_len), eval_examples(sequences, "valid", cfg.max_len),
+                      len(items))
+
+
+def write_device_files(cfg: Config, out: Path, clients: int) -> list[Path]:
+    """One `seq` file per client (`client-<i>.txt`) and the server's held-out users (`server.txt`),
+    with raw user and item ids: the files a trial deployment hands to `fedrec client` and `fedrec run`.
+
+    Users are dealt as the run config's `partition` says (`iid` or `skew` over `clients`) after
+    `holdout-users` of them are set aside for the server; nothing is written unless all is.
+    """
+    cfg = dataclasses.replace(cfg, num_clients=clients, partition=cfg.partition if cfg.partition in ("iid", "skew") else "iid")
+    if cfg.holdout_users <= 0:
+        raise DataError("the server needs held-out users for its evaluation: set holdout-users > 0")
+    fed = federation(cfg)
+    names = {"server.txt": fed.holdout, **{f"client-{i + 1}.txt": users for i, users in enumerate(fed.clients)}}
+    with staged_output(out) as stage:
+        for name, users in names.items():
+            lines = (" ".join([str(fed.data.user_ids[u]), *(str(fed.data.item_ids[i - 1]) for i in fed.data.sequences[u])])
+                     for u in users)
+            (stage / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [out / name for name in names]
 
 
 def client_data(cfg: Config, partition_id: int) -> ClientData:

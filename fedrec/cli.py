@@ -16,6 +16,7 @@ from rich.table import Table
 from common.artifacts import ITEMS, MODEL, OutputExistsError, read_json
 from common.config import Config, ConfigError, defaults
 from common.dataset import DataError, load_dataset, stats
+from fedrec import deploy
 
 app = typer.Typer(help="Privacy-preserving federated next-item recommendation.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -162,40 +163,99 @@ def data_stats(
     console.print(table)
 
 
+@data_app.command("split")
+def data_split(
+    out: Annotated[Path, typer.Option(help="Folder for server.txt and client-<i>.txt (seq format)")],
+    clients: Annotated[int, typer.Option(help="Client files to write", min=1)] = 3,
+    holdout_users: Annotated[float, typer.Option(help="Share of users for the server's evaluation file")] = 0.2,
+    partition: Annotated[Optional[str], _opt("partition", "iid or skew")] = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    kcore: Kcore = None,
+    min_rating: MinRating = None,
+    seed: Seed = None,
+) -> None:
+    """Split a data set into one file per edge device and one for the server, for a trial deployment."""
+    from common.federation import write_device_files
+
+    options = {k: v for k, v in locals().items() if k not in ("out", "clients", "write_device_files")}
+    for path in write_device_files(_config(**options), out, clients):
+        console.print(str(path))
+
+
 @app.command("recommend")
 def recommend_command(
-    model: Annotated[Path, typer.Option(help="Folder of a finished run (config.json, model.pt, items.json)")],
+    model: Annotated[Path, typer.Option(help="Folder of a finished run, or a file written by `fedrec export`")],
     history: Annotated[str, typer.Option(help="Comma-separated item ids as in the data set, oldest first")],
     k: Annotated[int, typer.Option("-k", help="How many items", min=1)] = 10,
     explain: Annotated[bool, typer.Option(help="Show the attention each past item received")] = False,
 ) -> None:
-    """Top-k next items for a history, with the model of a finished run."""
-    import torch
+    """Top-k next items for a history, with the model of a finished run or its export."""
+    from common.model import recommend
 
-    from common.model import build_model, recommend
-
-    for name in ("config.json", MODEL, ITEMS):
-        if not (model / name).is_file():
-            raise DataError(f"{model / name} not found: --model must be the --out folder of a finished run")
-    cfg = Config.from_run_config(read_json(model / "config.json"))
-    items = read_json(model / ITEMS)
+    net, items, max_len = _load_model(model)
     index = {raw: i + 1 for i, raw in enumerate(items["item_ids"])}
     raw_history = [h.strip() for h in history.split(",") if h.strip()]
     unknown = [h for h in raw_history if h not in index]
     if not raw_history or unknown:
         raise DataError(f"unknown item ids in --history: {', '.join(unknown[:5]) or '(none given)'}")
-    net = build_model(cfg, len(items["item_ids"]))
-    net.load_state_dict(torch.load(model / MODEL, weights_only=True))
-    top, scores, attention = recommend(net, [index[h] for h in raw_history], k, cfg.max_len)
+    top, scores, attention = recommend(net, [index[h] for h in raw_history], k, max_len)
     table = Table("rank", "item", "title", "score")
     for rank, (item, score) in enumerate(zip(top, scores), start=1):
         table.add_row(str(rank), items["item_ids"][item - 1], items["titles"][item - 1], f"{score:.3f}")
     console.print(table)
     if explain:
         why = Table("history item", "title", "attention", title="attention over the history")
-        for raw, weight in zip(raw_history[-cfg.max_len:], attention):
+        for raw, weight in zip(raw_history[-max_len:], attention):
             why.add_row(raw, items["titles"][index[raw] - 1], f"{weight:.3f}")
         console.print(why)
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Option(help="Folder of a finished run (config.json, model.pt, items.json)")],
+    out: Annotated[Optional[Path], typer.Option(help="File to write [default: <model>/model.<quantize>.torchscript.pt]")] = None,
+    format: Annotated[str, typer.Option(help="Export format (torchscript)")] = "torchscript",
+    quantize: Annotated[str, typer.Option(help="none or int8 (dynamic int8 linear layers)")] = "none",
+) -> None:
+    """Write the model as one TorchScript file an edge device runs with `torch.jit.load` alone."""
+    from common import export
+
+    if format != "torchscript":
+        raise ConfigError(f"--format must be torchscript, got {format!r}")
+    if quantize not in export.QUANTIZATIONS:
+        raise ConfigError(f"--quantize must be one of {', '.join(export.QUANTIZATIONS)}, got {quantize!r}")
+    net, items, max_len = _load_model(model)
+    target = out or model / f"model.{quantize}.torchscript.pt"
+    if target.exists():
+        raise OutputExistsError(f"{target} already exists: choose another --out")
+    export.export(net, target, max_len=max_len, items=items, quantize=quantize)
+    module, _ = export.load(target)
+    console.print(f"{target}: {target.stat().st_size / 1024:.0f} KiB, "
+                  f"{export.latency_ms(module, max_len):.2f} ms per recommendation (one user, {max_len} items)")
+
+
+def _load_model(path: Path) -> tuple[Any, dict[str, Any], int]:
+    """(model, catalogue, max_len) from a run folder, or from a TorchScript export."""
+    import torch
+
+    from common import export
+    from common.model import build_model
+
+    if path.is_file():
+        try:
+            module, extra = export.load(path)
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"{path} is not a fedrec export: {str(e).splitlines()[0]}") from None
+        return module, extra, int(extra["max_len"])
+    for name in ("config.json", MODEL, ITEMS):
+        if not (path / name).is_file():
+            raise DataError(f"{path / name} not found: --model must be the --out folder of a finished run")
+    cfg = Config.from_run_config(read_json(path / "config.json"))
+    items = read_json(path / ITEMS)
+    net = build_model(cfg, len(items["item_ids"]))
+    net.load_state_dict(torch.load(path / MODEL, weights_only=True))
+    return net, items, cfg.max_len
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -217,6 +277,9 @@ def _flatten(info: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             rows.append((f"{prefix}{key}", value))
     return rows
+
+
+deploy.register(app)
 
 
 def main() -> None:

@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from client.training import dp_unit
 from common import artifacts
 from common.config import Config
 from common.dataset import eval_examples, popularity
-from common.federation import evaluation_users, federation
+from common.federation import catalogue, evaluation_users, federation
 from common.metrics import evaluate_model, evaluate_popularity
 from common.model import build_model
 from server.strategy import GuardedStrategy, make_strategy
@@ -71,9 +71,12 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
     elif out is not None:
         _start_output(out, cfg)
 
+    clients = len(fed.clients) if cfg.partition != "devices" else len(list(grid.get_node_ids()))
+    # Deployed clients read their own files: they learn the model's item order from the server.
+    catalogue_config = ConfigRecord({"items": catalogue(cfg)} if cfg.partition == "devices" else {})
     popular = evaluate_popularity(counts, valid[2], fed.data.num_items, inputs=valid[0], mask_history=cfg.mask_history)
     log.info("fedrec: %d clients, %d evaluation users, %d items; most-popular validation NDCG@10 %.4f",
-             len(fed.clients), len(sequences), fed.data.num_items, popular["ndcg@10"])
+             clients, len(sequences), fed.data.num_items, popular["ndcg@10"])
     clock = [time.perf_counter() - state["elapsed"], time.perf_counter()]
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -96,14 +99,14 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
             _checkpoint(out, done, arrays, strategy, grid, now - clock[0], state["epsilons"])
         return MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float))})
 
-    result = strategy.start(grid=grid, initial_arrays=state["arrays"],
-                            num_rounds=cfg.num_server_rounds - state["round"], evaluate_fn=end_of_round)
+    result = strategy.start(grid=grid, initial_arrays=state["arrays"], num_rounds=cfg.num_server_rounds - state["round"],
+                            train_config=catalogue_config, evaluate_config=catalogue_config, evaluate_fn=end_of_round)
     final = result.arrays if len(result.arrays.keys()) else state["arrays"]
     model.load_state_dict(final.to_torch_state_dict())
     epsilons = list(state["epsilons"].values())
     summary = {
         "dataset": cfg.dataset,
-        "setting": {"partition": cfg.partition, "clients": len(fed.clients), "rounds": cfg.num_server_rounds,
+        "setting": {"partition": cfg.partition, "clients": clients, "rounds": cfg.num_server_rounds,
                     "fraction-train": cfg.fraction_train, "local-epochs": cfg.local_epochs,
                     "strategy": cfg.server_strategy, "evaluation-users": len(sequences),
                     "holdout-users": cfg.holdout_users},

@@ -27,7 +27,8 @@ from common.config import Config
 def make_strategy(cfg: Config) -> Strategy:
     """Flower's own strategy for the run config: FedAvg (weighted by windows) or FedAdam."""
     common = {"fraction_train": cfg.fraction_train, "fraction_evaluate": cfg.fraction_evaluate,
-              "min_train_nodes": cfg.min_train_nodes, "min_evaluate_nodes": 1, "min_available_nodes": 1}
+              "min_train_nodes": cfg.min_train_nodes, "min_evaluate_nodes": 1,
+              "min_available_nodes": cfg.min_train_nodes}  # deployed: wait until that many nodes joined
     if cfg.server_strategy == "fedadam":
         return FedAdam(eta=cfg.server_lr, **common)
     return FedAvg(**common)

@@ -52,6 +52,15 @@ def test_train_then_recommend(monkeypatch, capsys, tmp_path):
     assert [int(r.split("│")[1]) for r in ranks] == [1, 2, 3, 4, 5]
     assert all(item in explained for item in ("3", "7", "12"))
 
+    # The edge export recommends the same items as the run folder it came from.
+    code, stdout_export, _ = run(monkeypatch, capsys, "export", "--model", str(out))
+    assert code == 0 and "ms per recommendation" in stdout_export
+    exported = out / "model.none.torchscript.pt"
+    code, stdout2, _ = run(monkeypatch, capsys, "recommend", "--model", str(exported), "--history", "3,7,12", "-k", "5", "--explain")
+    assert code == 0 and stdout2.split("attention over the history")[0] == top
+    code, _, err = run(monkeypatch, capsys, "export", "--model", str(out))
+    assert code == 2 and "already exists" in err
+
 
 def test_train_with_dp_reports_epsilon(monkeypatch, capsys, tmp_path):
     tiny_config(monkeypatch)
@@ -107,6 +116,28 @@ def test_bad_input_gives_one_line_and_writes_nothing(monkeypatch, capsys, tmp_pa
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["server", "--port", "1"], "TLS needs --certfile"),
+        (["server", "--certfile", "a", "--keyfile", "b", "--ca-certfile", "c"], "a not found"),
+        (["client", "--superlink", "h:1", "--data", "d.txt"], "TLS needs --root-certificates"),
+        (["client", "--superlink", "h:1", "--data", "nowhere.txt", "--insecure"], "not found"),
+        (["run", "--superlink", "h:1", "--insecure", "--run-config", "local-epochs=0"], "local-epochs must be positive"),
+        (["nodes", "list", "--superlink", "h:1", "--root-certificates", "ca.crt"], "ca.crt not found"),
+        (["export", "--model", ".", "--quantize", "int4"], "--quantize must be one of"),
+        (["recommend", "--model", "README.md", "--history", "1"], "is not a fedrec export"),
+        (["data", "split", "--out", "split", "--holdout-users", "0"], "holdout-users"),
+    ],
+)
+def test_deployment_and_export_commands_check_their_input(monkeypatch, capsys, tmp_path, args, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("not a model")
+    code, _, err = run(monkeypatch, capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
 
 
 def test_existing_output_is_not_overwritten(monkeypatch, capsys, tmp_path):

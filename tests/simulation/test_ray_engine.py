@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from simulation.ray_engine import RayRun, RayRunError, _is_running, run_on_ray
+from server.flower_cli import is_running
+from simulation.ray_engine import RayRun, RayRunError, run_on_ray
 
 PYPROJECT = """\
 [build-system]
@@ -110,7 +111,7 @@ def write_toy_app(root: Path) -> Path:
 def assert_all_stopped(run: RayRun) -> None:
     # SuperLink, SuperExec, flwr-simulation, Ray's gcs_server, raylet, workers, ...
     assert len(run.pids) >= 3, run.pids
-    assert [pid for pid in run.pids if _is_running(pid)] == []
+    assert [pid for pid in run.pids if is_running(pid)] == []
 
 
 def test_failing_server_app_raises_although_flwr_run_exits_zero(tmp_path: Path) -> None:

@@ -1,0 +1,120 @@
+"""Deployment end to end on loopback: certificates, a TLS SuperLink with SuperNode authentication,
+three SuperNodes each with its own data file, two rounds through `fedrec run`; an unregistered
+and a plain-text SuperNode are refused; every process started is stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import Config
+from common.federation import write_device_files
+from common.privacy import Ledger
+from server import flower_cli as fc
+
+FEDREC = [sys.executable, "-m", "fedrec"]
+DATA = {"dataset": "synthetic", "synthetic-users": 240, "synthetic-items": 40, "synthetic-groups": 4,
+        "synthetic-min-len": 8, "synthetic-max-len": 16, "holdout-users": 0.25}
+TRAINING = ("min-train-nodes=3 fraction-train=1.0 fraction-evaluate=1.0 local-epochs=1 max-len=10 "
+            "embedding-dim=16 hidden-dim=16 batch-size=16 dp=true target-epsilon=8")
+
+
+def _fedrec(*args: str, env: dict[str, str], log: Path, timeout: float = 60) -> tuple[int, str]:
+    """Exit status and output. Output goes to a file, not a pipe: a SuperNode's children may
+    outlive it holding a pipe open, and reading one to its end would then never finish."""
+    with open(log, "w") as f:
+        status = subprocess.run([*FEDREC, *args], env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    return status, log.read_text(errors="replace")
+
+
+def _alive_under(folder: Path) -> list[int]:
+    """Processes whose environment mentions the test's folder: everything this test started."""
+    return [pid for pid, _ in fc.processes(str(folder))]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the processes it started in /proc (Linux)")
+def test_two_rounds_over_tls_with_authenticated_supernodes(tmp_path: Path) -> None:
+    env = {**os.environ, "FEDREC_CACHE": str(tmp_path / "cache")}  # also marks every process started
+    certs, data, out = tmp_path / "certs", tmp_path / "data", tmp_path / "out"
+    assert _fedrec("certs", "--out", str(certs), "--nodes", "4", "--host", "localhost", "--host", "127.0.0.1",
+                   env=env, log=tmp_path / "certs.log")[0] == 0
+    write_device_files(Config.from_run_config(DATA), data, clients=3)
+    address = f"127.0.0.1:{fc.free_port()}"
+    tls = ["--root-certificates", str(certs / "ca.crt")]
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, name: str) -> subprocess.Popen[bytes]:
+        processes.append(fc.start_process([*FEDREC, *args], env, tmp_path / f"{name}.log"))
+        return processes[-1]
+
+    try:
+        server = start("server", "--host", "127.0.0.1", "--port", address.split(":")[1], "--state-dir",
+                       str(tmp_path / "server"), "--certfile", str(certs / "server.crt"), "--keyfile",
+                       str(certs / "server.key"), "--ca-certfile", str(certs / "ca.crt"), name="server")
+        fc.wait_listening(server, "127.0.0.1", int(address.split(":")[1]), tmp_path / "server.log")
+        for i in (1, 2, 3):
+            status, output = _fedrec("nodes", "register", str(certs / f"node-{i}.pub"), "--superlink", address, *tls,
+                                     env=env, log=tmp_path / f"register-{i}.log")
+            assert status == 0, output
+        for i in (1, 2, 3):
+            start("client", "--superlink", address, "--data", str(data / f"client-{i}.txt"), "--state-dir",
+                  str(tmp_path / f"node-{i}"), "--auth-key", str(certs / f"node-{i}"), "--port", str(fc.free_port()),
+                  *tls, name=f"node-{i}")
+
+        # node-4's key was never registered; a plain-text node cannot speak to a TLS SuperLink.
+        refused = [_fedrec("client", "--superlink", address, "--data", str(data / "client-1.txt"), "--state-dir",
+                           str(tmp_path / name), "--port", str(fc.free_port()), "--max-retries", "2",
+                           "--max-wait-time", "10", *extra, env=env, log=tmp_path / f"{name}.log", timeout=90)
+                   for name, extra in (("unregistered", [*tls, "--auth-key", str(certs / "node-4")]),
+                                       ("plain", ["--insecure"]))]
+        assert all(status != 0 for status, _ in refused)
+        assert "Failed to activate SuperNode" in refused[0][1]
+
+        status, output = _fedrec("run", "--superlink", address, *tls, "--dataset", "seq", "--data-dir",
+                                 str(data / "server.txt"), "--out", str(out), "--rounds", "2", "--run-config", TRAINING,
+                                 env=env, log=tmp_path / "run.log", timeout=150)
+        assert status == 0, output[-3000:]
+    finally:
+        for process in processes:
+            fc.stop(process)
+        fc.stop_pids(_alive_under(tmp_path))
+    assert _alive_under(tmp_path) == []
+
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["trained"] == 3 and r["failed"] == r["rejected"] == 0 for r in rounds[1:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["setting"]["partition"] == "devices" and summary["dp"]["clients_accounted"] == 3
+    assert summary["setting"]["evaluation-users"] == 60  # the server's own file: 25% of 240 users
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert state["item_embedding.weight"].shape[0] == len(json.loads((out / "items.json").read_text())["item_ids"]) + 1
+    for i in (1, 2, 3):  # each device's spent budget is on its own disk
+        ledger = Ledger.load(tmp_path / f"node-{i}" / "privacy-ledger.json")
+        assert 0 < ledger.epsilon(1e-5) <= 8
+
+
+def test_run_exits_non_zero_when_the_run_fails(tmp_path: Path) -> None:
+    """`flwr run --stream` exits 0 when the ServerApp fails; `fedrec run` must not: here the
+    server's evaluation file does not exist, so the ServerApp raises in its first line."""
+    env = {**os.environ, "FEDREC_CACHE": str(tmp_path / "cache")}
+    port = fc.free_port()
+    server = fc.start_process([*FEDREC, "server", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                               "--state-dir", str(tmp_path / "server")], env, tmp_path / "server.log")
+    try:
+        fc.wait_listening(server, "127.0.0.1", port, tmp_path / "server.log")
+        status, output = _fedrec("run", "--superlink", f"127.0.0.1:{port}", "--insecure", "--dataset", "seq",
+                                 "--data-dir", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out"),
+                                 env=env, log=tmp_path / "run.log", timeout=120)
+    finally:
+        fc.stop(server)
+        fc.stop_pids(_alive_under(tmp_path))
+    assert status == 1
+    assert "finished:failed" in output
