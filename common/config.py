@@ -66,6 +66,7 @@ class Config:
     server_strategy: str
     server_lr: float
     eval_every: int
+    round_timeout: float
     out_dir: str
     resume: bool
     dp: bool
@@ -79,7 +80,8 @@ class Config:
         for name, allowed in (("partition", PARTITIONS), ("server_strategy", STRATEGIES), ("optimizer", OPTIMIZERS)):
             _check(getattr(self, name) in allowed,
                    f"{_key(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("num_server_rounds", "num_clients", "local_epochs", "eval_every", "server_lr", "skew_alpha"):
+        for name in ("num_server_rounds", "num_clients", "local_epochs", "eval_every", "server_lr", "skew_alpha",
+                     "round_timeout"):
             _check(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
         for name in ("fraction_train", "fraction_evaluate"):
             _check(0 <= getattr(self, name) <= 1, f"{_key(name)} must be in [0, 1], got {getattr(self, name)}")

@@ -100,6 +100,7 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
         return MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float))})
 
     result = strategy.start(grid=grid, initial_arrays=state["arrays"], num_rounds=cfg.num_server_rounds - state["round"],
+                            timeout=cfg.round_timeout,
                             train_config=catalogue_config, evaluate_config=catalogue_config, evaluate_fn=end_of_round)
     final = result.arrays if len(result.arrays.keys()) else state["arrays"]
     model.load_state_dict(final.to_torch_state_dict())

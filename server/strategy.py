@@ -3,6 +3,7 @@
 The guard wraps any `flwr.serverapp.strategy.Strategy` and
 - samples clients reproducibly (Flower samples with the `random` module; the guard seeds it
   per round from the run's seed, so a resumed run samples the rounds it replays identically),
+- counts sampled clients that never replied (timed out) as failed,
 - drops, before aggregation, replies that failed, declined (privacy budget spent) or carry
   weights of the wrong shape or dtype or with NaN/Inf, and counts each kind,
 - skips aggregation when fewer than `min-train-nodes` usable replies came back,
@@ -60,6 +61,8 @@ class GuardedStrategy(Strategy):
         server_round += self.round_offset
         book = self.rounds.setdefault(server_round, {"sampled": 0})
         usable, counts, epsilons, losses = [], dict.fromkeys(("failed", "declined", "rejected"), 0), {}, []
+        replies = list(replies)
+        counts["failed"] = max(book["sampled"] - len(replies), 0)  # no reply within the round's timeout
         for reply in replies:
             kind = self._triage(reply)
             if kind != "trained":

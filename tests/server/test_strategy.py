@@ -10,6 +10,7 @@ G adds ``sum((p + 1)^2) / sum(p + 1)`` per round. The first partitions misbehave
 from __future__ import annotations
 
 import random
+import time
 from typing import Any, cast
 
 import numpy as np
@@ -72,7 +73,7 @@ class RecordingGrid(InProcessGrid):
 INITIAL = np.zeros(3)
 
 
-def run(strategy: GuardedStrategy, grid: InProcessGrid, num_rounds: int = 2) -> dict[str, Any]:
+def run(strategy: GuardedStrategy, grid: InProcessGrid, num_rounds: int = 2, timeout: float = 3600) -> dict[str, Any]:
     """Run ``strategy.start`` as a ServerApp would (inside the server's task identity)."""
     out: dict[str, Any] = {}
     app = ServerApp()
@@ -80,7 +81,7 @@ def run(strategy: GuardedStrategy, grid: InProcessGrid, num_rounds: int = 2) -> 
     @app.main()
     def main(g: Grid, context: Context) -> None:
         out["result"] = strategy.start(grid=g, initial_arrays=ArrayRecord({"w": Array(INITIAL.copy())}),
-                                       num_rounds=num_rounds)
+                                       num_rounds=num_rounds, timeout=timeout)
 
     run_server_app(app, grid)
     return out
@@ -120,6 +121,23 @@ def test_only_good_replies_are_averaged_and_each_bad_kind_is_counted():
     metrics = out["result"].train_metrics_clientapp[2]
     weights = np.array(good) + 1.0
     assert metrics["epsilon"] == pytest.approx(float((weights * 0.5 * np.array(good)).sum() / weights.sum()))
+
+
+def test_a_client_that_does_not_reply_in_time_counts_as_failed():
+    slow_app = ClientApp()
+
+    @slow_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if int(context.node_config["partition-id"]) == 0:
+            time.sleep(0.5)
+        arrays = {"w": Array(msg.content["arrays"]["w"].numpy() + 1.0)}
+        metrics = MetricRecord({"num-examples": 1, "train-loss": 0.1, "epsilon": 0.0})
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
+
+    strategy = guarded()
+    run(strategy, InProcessGrid(slow_app, 3, {}), num_rounds=1, timeout=0.3)
+    book = strategy.rounds[1]
+    assert (book["sampled"], book["trained"], book["failed"], book["aggregated"]) == (3, 2, 1, True)
 
 
 @pytest.mark.parametrize("min_train_nodes, aggregated", [(3, True), (4, False)])
