@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import machine, write_section
+from benchmarks.report import write_section
 from common.config import Config
 from common.federation import write_device_files
 from server import flower_cli as fc
@@ -116,8 +116,9 @@ def main() -> None:
             r = results[poll]
             rows.append(f"| {poll} s | {r['s_per_round']:.1f} | {r['wall']:.0f} | {r['idle_mb']:.0f} | {r['busy_mb']:.0f} |")
             print(rows[-1], flush=True)
-        export_out = subprocess.run([*FEDREC, "export", "--model", results["0.1"]["out"]], capture_output=True, text=True,
-                                    check=True).stdout.replace("\n", " ")
+        exports = [subprocess.run([*FEDREC, "export", "--model", results["0.1"]["out"], "--quantize", q],
+                                  capture_output=True, text=True, check=True).stdout.replace("\n", " ").split(": ", 1)[1].strip()
+                   for q in ("none", "int8")]
     local = in_process_round(args.rounds)
     startup = clientapp_startup()
     sizes = installed_mb(CLIENT_DISTRIBUTIONS)
@@ -141,10 +142,7 @@ def main() -> None:
         + ", ".join(f"{k} {v:.0f} MB" for k, v in sizes.items())
         + f"; total {sum(sizes.values()):.0f} MB. Ray, which only the simulation extra installs: {ray:.0f} MB.",
         "",
-        f"Edge export: {export_out.strip()}",
-        "",
-        f"Produced by `python -m benchmarks.deploy_loopback --rounds {args.rounds}` on "
-        f"{time.strftime('%Y-%m-%d')} ({machine()}).",
+        "Edge export (`fedrec export`, then `--quantize int8`): " + "; ".join(exports) + ".",
     ]))
 
 

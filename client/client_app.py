@@ -26,6 +26,7 @@ from common.privacy import Ledger
 app = ClientApp()
 
 LEDGER = "privacy-ledger"  # key in Context.state, and file name under a node's state-dir
+NOISE = "noise-multiplier"  # key in Context.state: σ per plan
 
 
 @app.train()
@@ -37,7 +38,7 @@ def train_round(msg: Message, context: Context) -> Message:
     ledger = load_ledger(context)
     sigma = None
     if cfg.dp:
-        sigma = noise_multiplier_for(cfg, len(data.windows), cfg.num_server_rounds * cfg.local_epochs)
+        sigma = _noise_multiplier(cfg, len(data.windows), context)
         batches = batches_per_epoch(len(data.windows), cfg.batch_size)
         after = ledger.planned(sigma, 1 / batches, cfg.local_epochs * batches).epsilon(cfg.delta)
         if after > cfg.target_epsilon * (1 + 1e-9):
@@ -78,6 +79,17 @@ def save_ledger(context: Context, ledger: Ledger) -> None:
         ledger.save(Path(str(context.node_config["state-dir"])) / f"{LEDGER}.json")
     else:
         context.state.config_records[LEDGER] = ConfigRecord({"ledger": ledger.to_json()})
+
+
+def _noise_multiplier(cfg: Config, windows: int, context: Context) -> float:
+    """σ for this client's plan, searched once per run and kept in Context.state: deployed,
+    every message runs in a fresh process, and the accountant's search takes seconds."""
+    epochs = cfg.num_server_rounds * cfg.local_epochs
+    key = f"{windows}/{epochs}/{cfg.batch_size}/{cfg.target_epsilon}/{cfg.delta}/{cfg.noise_multiplier}"
+    record = context.state.config_records.setdefault(NOISE, ConfigRecord())
+    if key not in record:
+        record[key] = noise_multiplier_for(cfg, windows, epochs)
+    return float(record[key])
 
 
 def _data(cfg: Config, msg: Message, context: Context) -> ClientData:
