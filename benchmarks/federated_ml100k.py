@@ -55,8 +55,8 @@ def run_setting(name: str, settings: dict[str, str], data_dir: Path, workdir: Pa
     argv = [sys.executable, "-m", "fedrec", "simulate", "--out", str(out), "--quiet"]
     for key, value in options.items():
         flag = FLAGS.get(key, key)
-        if key == "dp":
-            argv.append("--dp" if value == "true" else "--no-dp")
+        if value in ("true", "false"):  # on/off options: --dp/--no-dp, --central-dp/--no-central-dp
+            argv.append(f"--{flag}" if value == "true" else f"--no-{flag}")
         else:
             argv += [f"--{flag}", value]
     started = time.perf_counter()

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
 from client.training import batches_per_epoch, noise_multiplier_for, train
 from common.config import Config
 from common.federation import ClientData, client_data, local_client_data
 from common.metrics import evaluate_model
 from common.model import build_model
-from common.privacy import Ledger
+from common.privacy import UNIT_WEIGHT, Ledger
 
 app = ClientApp()
 
@@ -43,15 +44,19 @@ def train_round(msg: Message, context: Context) -> Message:
         after = ledger.planned(sigma, 1 / batches, cfg.local_epochs * batches).epsilon(cfg.delta)
         if after > cfg.target_epsilon * (1 + 1e-9):
             return _declined(msg, ledger.epsilon(cfg.delta), after, cfg.target_epsilon)
-    result = train(model, data.windows, cfg, epochs=cfg.local_epochs, noise_multiplier=sigma,
-                   history=ledger.history, seed=_seed(cfg.seed, server_round, _client_key(context)))
-    if cfg.dp:
-        ledger = ledger.extended(result.history)
-        save_ledger(context, ledger)
-    metrics = {"num-examples": len(data.windows), "train-loss": result.loss, "declined": 0,
-               "epsilon": result.epsilon if cfg.dp else 0.0}
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+
+    def local_training(msg: Message, context: Context) -> Message:
+        result = train(model, data.windows, cfg, epochs=cfg.local_epochs, noise_multiplier=sigma,
+                       history=ledger.history, seed=_seed(cfg.seed, server_round, _client_key(context)))
+        if cfg.dp:
+            save_ledger(context, ledger.extended(result.history))
+        metrics = {"num-examples": len(data.windows), "train-loss": result.loss, "declined": 0,
+                   "epsilon": result.epsilon if cfg.dp else 0.0, UNIT_WEIGHT: 1}
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    # Central DP: Flower's mod clips the whole update on the device, before it is sent.
+    return fixedclipping_mod(msg, context, local_training) if cfg.central_dp else local_training(msg, context)
 
 
 @app.evaluate()
@@ -62,7 +67,7 @@ def evaluate_round(msg: Message, context: Context) -> Message:
                              ks=(10,), mask_history=cfg.mask_history)
     users = metrics.pop("users")
     metrics = {k: v for k, v in metrics.items() if not k.startswith("coverage")}  # not averageable
-    return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "num-examples": int(users)})}),
+    return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "num-examples": int(users), UNIT_WEIGHT: 1})}),
                    reply_to=msg)
 
 

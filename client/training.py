@@ -12,12 +12,10 @@ and failed on DPLSTM in our trials.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import Config
 from common.model import window_loss
-from common.privacy import Ledger
+from common.privacy import Ledger, quiet_opacus
 
 ACCOUNTANT = "prv"
 
@@ -65,19 +63,8 @@ def train(
     spent before this call; the result's history and ε include it. `on_epoch_end(epoch, loss, ε)`
     may return True to stop early (the centralized baseline's early stopping).
     """
-    with _quiet_opacus():
+    with quiet_opacus():
         return _train(model, windows, cfg, epochs, noise_multiplier, history, seed, on_epoch_end)
-
-
-@contextlib.contextmanager
-def _quiet_opacus() -> Iterator[None]:
-    """Hide Opacus warnings that say nothing to a fedrec user: fedrec seeds its RNG on purpose
-    (runs must reproduce), the input ids never need gradients, and RDP's order search is only
-    used to bracket the PRV accountant."""
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):  # PRV takes log(0) at q = 1
-        for message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the"):
-            warnings.filterwarnings("ignore", message=message)
-        yield
 
 
 def _train(model, windows, cfg, epochs, noise_multiplier, history, seed, on_epoch_end) -> TrainResult:
@@ -142,7 +129,7 @@ def noise_multiplier_for(cfg: Config, num_windows: int, epochs: int) -> float:
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
     sample_rate = 1 / batches_per_epoch(num_windows, cfg.batch_size)
-    with _quiet_opacus():
+    with quiet_opacus():
         return get_noise_multiplier(
             target_epsilon=cfg.target_epsilon,
             target_delta=cfg.delta,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 CONFIG, METRICS, SUMMARY, MODEL, ITEMS = "config.json", "metrics.jsonl", "summary.json", "model.pt", "items.json"
+PRIVACY, LEDGERS = "privacy.json", "ledgers"  # clients' reported ε; copies of simulated clients' ledgers
 
 
 class OutputExistsError(FileExistsError):

@@ -74,6 +74,10 @@ class Config:
     target_epsilon: float
     delta: float
     max_grad_norm: float
+    central_dp: bool
+    central_noise_multiplier: float
+    central_target_epsilon: float
+    central_clip: float
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
@@ -99,6 +103,12 @@ class Config:
         _check(self.lr > 0, f"lr must be positive, got {self.lr}")
         _check(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         _check(self.max_grad_norm > 0, f"max-grad-norm must be positive, got {self.max_grad_norm}")
+        _check(self.central_clip > 0, f"central-clip must be positive, got {self.central_clip}")
+        _check(self.central_noise_multiplier >= 0, f"central-noise-multiplier must be >= 0, got {self.central_noise_multiplier}")
+        _check(not self.central_dp or self.server_strategy == "fedavg",
+               "central-dp needs server-strategy = fedavg (its noise is calibrated to a uniform average)")
+        _check(not self.central_dp or self.central_noise_multiplier > 0 or self.central_target_epsilon > 0,
+               "with central-dp on, set central-target-epsilon > 0 or central-noise-multiplier > 0")
         _check(not self.dp or self.target_epsilon > 0,
                "with dp on, target-epsilon must be > 0: it is the budget every client keeps to")
 

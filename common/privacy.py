@@ -9,20 +9,24 @@ in deployment. A checksum travels with it, so a hand-edited ledger is detected, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import math
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from opacus.accountants import PRVAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.artifacts import replace_atomically
 from common.errors import DataError
 
 Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
+UNIT_WEIGHT = "unit-weight"  # a metric every reply carries as 1: under central DP FedAvg averages uniformly by it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +72,41 @@ class Ledger:
         return cls.from_json(path.read_text()) if path.exists() else cls()
 
 
+@contextlib.contextmanager
+def quiet_opacus() -> Iterator[None]:
+    """Hide Opacus warnings that say nothing to a fedrec user: fedrec seeds its RNG on purpose
+    (runs must reproduce), the input ids never need gradients, and RDP's order search is only
+    used to bracket the PRV accountant."""
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # PRV: log(0) at q = 1
+        for message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the"):
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def independent_epsilon(history: tuple[Mechanism, ...], delta: float) -> float:
+    """ε of the same history by Google's `dp-accounting` (PLD), an accountant independent of
+    Opacus's PRV one: two implementations that agree are the check that neither is misused."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import PLDAccountant
+
+    accountant = PLDAccountant(value_discretization_interval=1e-3)
+    for sigma, q, steps in history:
+        accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return float(accountant.get_epsilon(delta))
+
+
 @functools.lru_cache(maxsize=4096)
 def _epsilon(history: tuple[Mechanism, ...], delta: float) -> float:
     """Cached: in a simulation thousands of clients share the same few histories."""
     accountant = PRVAccountant()
     accountant.history = list(history)
-    with np.errstate(divide="ignore", invalid="ignore"):  # q = 1 (no subsampling) takes log(0) inside PRV
-        return float(accountant.get_epsilon(delta))
+    with quiet_opacus():
+        try:
+            return float(accountant.get_epsilon(delta))
+        except (RuntimeError, OverflowError, MemoryError):  # PRV's grid breaks down for σ far below 1
+            rdp = RDPAccountant()  # a valid upper bound, and stable there
+            rdp.history = list(history)
+            return float(rdp.get_epsilon(delta))
 
 
 def _digest(body: list) -> str:

@@ -131,6 +131,10 @@ def simulate_command(
     target_epsilon: TargetEpsilon = None,
     delta: Delta = None,
     max_grad_norm: MaxGradNorm = None,
+    central_dp: Annotated[Optional[bool], _opt("central-dp", "User-level central DP: clip each client's update, noise on the average", "--central-dp/--no-central-dp")] = None,
+    central_target_epsilon: Annotated[Optional[float], _opt("central-target-epsilon", "Central DP budget ε over all rounds")] = None,
+    central_noise_multiplier: Annotated[Optional[float], _opt("central-noise-multiplier", "Central DP σ (0: derive from the target)")] = None,
+    central_clip: Annotated[Optional[float], _opt("central-clip", "Norm each client's update is clipped to")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Federated training of many clients in this process (the ServerApp and ClientApp, no Ray)."""
@@ -209,6 +213,41 @@ def recommend_command(
         for raw, weight in zip(raw_history[-max_len:], attention):
             why.add_row(raw, items["titles"][index[raw] - 1], f"{weight:.3f}")
         console.print(why)
+
+
+@app.command("privacy")
+def privacy_command(
+    run: Annotated[Optional[Path], typer.Option(help="Folder of a finished run (privacy.json, ledgers/)")] = None,
+    ledger: Annotated[Optional[Path], typer.Option(help="One device's ledger file (its state folder's privacy-ledger.json)")] = None,
+    delta: Annotated[Optional[float], _opt("delta", "δ for --ledger")] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="A row for every client, not only problems and the largest ε")] = False,
+) -> None:
+    """Every ε of a run recomputed from the ledgers by two accountants; exit 1 on any mismatch."""
+    from server.privacy_report import audit_ledger, audit_run
+
+    if (run is None) == (ledger is None):
+        raise ConfigError("give --run DIR or --ledger FILE")
+    if run is not None:
+        clients, central = audit_run(run)
+    else:
+        clients, central = [audit_ledger(ledger, delta if delta is not None else D["delta"], None)], None
+    largest = max(clients, key=lambda c: c.prv or 0.0, default=None)
+    rows = [c for c in clients if show_all or c.problem or c is largest] + ([central] if central else [])
+    table = Table("ledger", "mechanisms (σ, q, steps)", "reported ε", "ε PRV (Opacus)", "ε PLD (dp-accounting)", "check",
+                  title=f"privacy: {len(clients)} client ledgers" + (" and the server's central DP" if central else ""))
+    for c in rows:
+        mechanisms = "; ".join(f"{s:.3g}, {q:.3g}, {n}" for s, q, n in c.history[:4]) + (" …" if len(c.history) > 4 else "")
+        table.add_row(c.name, mechanisms, _num(c.reported), _num(c.prv), _num(c.pld), c.problem or "ok")
+    console.print(table)
+    bad = [c for c in [*clients, *([central] if central else [])] if c.problem]
+    if bad:
+        err.print(f"error: {len(bad)} ledger(s) failed: {bad[0].name}: {bad[0].problem}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    console.print(f"all {len(clients) + (1 if central else 0)} ledgers agree (PRV and PLD within 5%, and with what was reported)")
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 @app.command("export")

@@ -32,6 +32,7 @@ from common.dataset import eval_examples, popularity
 from common.federation import catalogue, evaluation_users, federation
 from common.metrics import evaluate_model, evaluate_popularity
 from common.model import build_model
+from server import central_dp
 from server.strategy import GuardedStrategy, make_strategy
 
 app = ServerApp()
@@ -63,7 +64,8 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
     counts = popularity(sequences, fed.data.num_items)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, fed.data.num_items)
-    strategy = GuardedStrategy(make_strategy(cfg), seed=cfg.seed, min_train_nodes=cfg.min_train_nodes)
+    clients = len(fed.clients) if cfg.partition != "devices" else len(list(grid.get_node_ids()))
+    strategy = GuardedStrategy(make_strategy(cfg, clients), seed=cfg.seed, min_train_nodes=cfg.min_train_nodes)
     state = {"round": 0, "elapsed": 0.0, "epsilons": {}, "arrays": ArrayRecord(model.state_dict())}
     if cfg.resume:
         state = _restore(out, strategy, grid, model)
@@ -71,7 +73,6 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
     elif out is not None:
         _start_output(out, cfg)
 
-    clients = len(fed.clients) if cfg.partition != "devices" else len(list(grid.get_node_ids()))
     # Deployed clients read their own files: they learn the model's item order from the server.
     catalogue_config = ConfigRecord({"items": catalogue(cfg)} if cfg.partition == "devices" else {})
     popular = evaluate_popularity(counts, valid[2], fed.data.num_items, inputs=valid[0], mask_history=cfg.mask_history)
@@ -119,10 +120,15 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
                 "epsilon_median": statistics.median(epsilons) if epsilons else 0.0,
                 "clients_accounted": len(epsilons), "delta": cfg.delta, "target_epsilon": cfg.target_epsilon,
                 "unit": dp_unit(cfg.max_len), "scope": "local DP-SGD on each client (per client, per window)",
+                "protects_against": "everyone, the server included: each client adds its own noise",
                 "accountant": "prv"} if cfg.dp else {"enabled": False}),
+        "central_dp": central_dp.guarantee(cfg, clients, cfg.num_server_rounds) if cfg.central_dp else {"enabled": False},
     }
     if out is not None:
         artifacts.write_json(out / artifacts.SUMMARY, summary)
+        # What each client reported spending, by node: `fedrec privacy` checks it against the ledgers.
+        artifacts.write_json(out / artifacts.PRIVACY, {"delta": cfg.delta, "reported_epsilon": state["epsilons"],
+                                                       "central": summary["central_dp"]})
         artifacts.save_model(out / artifacts.MODEL, model)
         artifacts.write_items(out / artifacts.ITEMS, fed.data)
     return summary

@@ -23,16 +23,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
 from common.config import Config
+from common.privacy import UNIT_WEIGHT
+from server import central_dp
 
 
-def make_strategy(cfg: Config) -> Strategy:
-    """Flower's own strategy for the run config: FedAvg (weighted by windows) or FedAdam."""
+def make_strategy(cfg: Config, num_clients: int) -> Strategy:
+    """Flower's own strategy for the run config: FedAvg (weighted by windows) or FedAdam, inside
+    Flower's central-DP wrapper when `central-dp` is on (then every client weighs the same)."""
     common = {"fraction_train": cfg.fraction_train, "fraction_evaluate": cfg.fraction_evaluate,
               "min_train_nodes": cfg.min_train_nodes, "min_evaluate_nodes": 1,
-              "min_available_nodes": cfg.min_train_nodes}  # deployed: wait until that many nodes joined
-    if cfg.server_strategy == "fedadam":
-        return FedAdam(eta=cfg.server_lr, **common)
-    return FedAvg(**common)
+              "min_available_nodes": cfg.min_train_nodes,  # deployed: wait until that many nodes joined
+              "weighted_by_key": UNIT_WEIGHT if cfg.central_dp else "num-examples"}
+    inner = FedAdam(eta=cfg.server_lr, **common) if cfg.server_strategy == "fedadam" else FedAvg(**common)
+    return central_dp.wrap(inner, cfg, num_clients) if cfg.central_dp else inner
 
 
 class GuardedStrategy(Strategy):

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from client.client_app import app as client_app
+from client.client_app import LEDGER, app as client_app
 from common import artifacts
 from common.config import Config
 from common.federation import federation
@@ -26,4 +26,14 @@ def simulate(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
     show_progress(not quiet)
     grid = InProcessGrid(client_app, len(federation(cfg).clients), cfg.to_run_config())
     run_server_app(server_app, grid)
-    return artifacts.read_json(Path(cfg.out_dir) / artifacts.SUMMARY)
+    out = Path(cfg.out_dir)
+    _copy_ledgers(grid, out / artifacts.LEDGERS)
+    return artifacts.read_json(out / artifacts.SUMMARY)
+
+
+def _copy_ledgers(grid: InProcessGrid, folder: Path) -> None:
+    """Each simulated client's ledger, by node id, for `fedrec privacy` (deployed, they stay on the devices)."""
+    for node_id, state in grid.node_states.items():
+        if LEDGER in state.config_records:
+            folder.mkdir(exist_ok=True)
+            (folder / f"{node_id}.json").write_text(str(state.config_records[LEDGER]["ledger"]))

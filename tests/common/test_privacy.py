@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,9 @@ def test_tampered_file_is_refused(tmp_path: Path):
     path.write_text(text.replace("[[1.1, 0.1, 50]]", "[[1.1, 0.1, 5]]"))
     with pytest.raises(DataError):
         Ledger.load(path)
+
+
+def test_tiny_noise_falls_back_to_an_rdp_bound_instead_of_failing():
+    """PRV's discretisation breaks down for σ far below 1; ε is then RDP's (valid, looser) bound."""
+    epsilon = Ledger(((0.01, 1.0, 1),)).epsilon(1e-5)
+    assert math.isfinite(epsilon) and epsilon > 1000

@@ -130,6 +130,9 @@ def test_bad_input_gives_one_line_and_writes_nothing(monkeypatch, capsys, tmp_pa
         (["export", "--model", ".", "--quantize", "int4"], "--quantize must be one of"),
         (["recommend", "--model", "README.md", "--history", "1"], "is not a fedrec export"),
         (["data", "split", "--out", "split", "--holdout-users", "0"], "holdout-users"),
+        (["privacy"], "give --run DIR or --ledger FILE"),
+        (["privacy", "--run", "."], "privacy.json not found"),
+        (["simulate", "--central-dp", "--server-strategy", "fedadam", "--out", "x"], "central-dp needs server-strategy = fedavg"),
     ],
 )
 def test_deployment_and_export_commands_check_their_input(monkeypatch, capsys, tmp_path, args, expected):
