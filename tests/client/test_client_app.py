@@ -118,7 +118,7 @@ def test_dp_train_reply(dp_run):
     assert any(not np.array_equal(arrays[k].numpy(), initial[k].numpy()) for k in initial.keys())  # it trained
 
     metrics = reply.content["metrics"]
-    assert set(metrics) == {"num-examples", "train-loss", "epsilon", "declined"}
+    assert set(metrics) == {"num-examples", "train-loss", "epsilon", "declined", "unit-weight"}
     assert metrics["num-examples"] == len(client_data(cfg, 0).windows) > 0
     assert metrics["declined"] == 0
     assert np.isfinite(metrics["train-loss"]) and metrics["train-loss"] > 0

@@ -229,9 +229,16 @@ def test_make_strategy_follows_the_config():
 
     from common.config import Config
 
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
     cfg = Config.from_run_config({"fraction-train": 0.3, "min-train-nodes": 3})
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, 20)
     assert type(strategy) is FedAvg
-    assert (strategy.fraction_train, strategy.min_train_nodes) == (0.3, 3)
-    adam = make_strategy(Config.from_run_config({"server-strategy": "fedadam", "server-lr": 0.05}))
+    assert (strategy.fraction_train, strategy.min_train_nodes, strategy.weighted_by_key) == (0.3, 3, "num-examples")
+    adam = make_strategy(Config.from_run_config({"server-strategy": "fedadam", "server-lr": 0.05}), 20)
     assert isinstance(adam, FedAdam) and adam.eta == 0.05
+    central = make_strategy(Config.from_run_config({"central-dp": True, "central-clip": 0.5, "fraction-train": 0.3,
+                                                    "central-noise-multiplier": 1.2}), 20)
+    assert isinstance(central, DifferentialPrivacyClientSideFixedClipping)
+    assert (central.clipping_norm, central.noise_multiplier, central.num_sampled_clients) == (0.5, 1.2, 6)
+    assert central.strategy.weighted_by_key == "unit-weight"  # a uniform average: what the noise is calibrated to
