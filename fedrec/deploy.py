@@ -126,6 +126,9 @@ def run_command(
     for key, value in (("out-dir", out), ("data-dir", data_dir), ("dataset", dataset), ("num-server-rounds", rounds)):
         if value is not None:
             config[key] = value
+    for key in ("out-dir", "data-dir"):  # read by the ServerApp, whose working folder is Flower's
+        if config.get(key) and not Path(str(config[key])).is_absolute():
+            raise ConfigError(f"{key} {config[key]!r} must be an absolute path on the server machine")
     Config.from_run_config(config)  # fail here, with one line, rather than in the ServerApp
     home, env = _flwr_home(superlink, root_certificates, insecure)
     with home:

@@ -131,6 +131,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(monkeypatch, capsys, tmp_pa
         (["recommend", "--model", "README.md", "--history", "1"], "is not a fedrec export"),
         (["data", "split", "--out", "split", "--holdout-users", "0"], "holdout-users"),
         (["privacy"], "give --run DIR or --ledger FILE"),
+        (["run", "--superlink", "h:1", "--insecure", "--out", "runs/x"], "must be an absolute path on the server"),
         (["privacy", "--run", "."], "privacy.json not found"),
         (["simulate", "--central-dp", "--server-strategy", "fedadam", "--out", "x"], "central-dp needs server-strategy = fedavg"),
     ],
