@@ -84,14 +84,12 @@ def client_command(
     max_wait_time: Annotated[Optional[float], typer.Option(help="Seconds of reconnecting before giving up (default: forever)")] = None,
 ) -> None:
     """Start a client on an edge device: a Flower SuperNode whose ClientApp trains on --data only."""
-    if root_certificates is None and not insecure:
-        raise ConfigError("TLS needs --root-certificates (the CA that signed the server's certificate), "
-                          "or --insecure for a local trial")
-    for path in filter(None, (root_certificates, auth_key)):
-        _require_file(path)
+    ca = _trusted_ca(root_certificates, insecure)
+    if auth_key is not None:
+        _require_file(auth_key)
     info = check_data(data, data_format)
     command = supernode_command(fc.BIN, superlink=superlink, data=data, data_format=data_format,
-                                state_dir=state_dir, port=port, root_certificates=None if insecure else root_certificates,
+                                state_dir=state_dir, port=port, root_certificates=ca,
                                 auth_key=auth_key, max_retries=max_retries, max_wait_time=max_wait_time)
     typer.echo(f"fedrec client: {info['users']} users, {info['interactions']} interactions in {data}; "
                f"joining {superlink} (pid {os.getpid()})")
@@ -171,14 +169,20 @@ def _flwr(arguments: list[str], superlink: str, root_certificates: Path | None, 
 def _flwr_home(superlink: str, root_certificates: Path | None,
                insecure: bool) -> tuple[tempfile.TemporaryDirectory[str], dict[str, str]]:
     """A throw-away FLWR_HOME holding one connection to `superlink`."""
+    ca = _trusted_ca(root_certificates, insecure)
+    home = tempfile.TemporaryDirectory(prefix="fedrec-flwr-")
+    fc.write_connection(Path(home.name), CONNECTION, superlink, ca)
+    return home, fc.environment(Path(home.name))
+
+
+def _trusted_ca(root_certificates: Path | None, insecure: bool) -> Path | None:
+    """The CA a client side verifies the server with; None for plain text (--insecure)."""
     if root_certificates is None and not insecure:
         raise ConfigError("TLS needs --root-certificates (the CA that signed the server's certificate), "
                           "or --insecure for a local trial")
     if root_certificates is not None:
         _require_file(root_certificates)
-    home = tempfile.TemporaryDirectory(prefix="fedrec-flwr-")
-    fc.write_connection(Path(home.name), CONNECTION, superlink, None if insecure else root_certificates)
-    return home, fc.environment(Path(home.name))
+    return None if insecure else root_certificates
 
 
 def _become(command: list[str], state_dir: Path) -> None:

@@ -31,15 +31,19 @@ def sampled_per_round(cfg: Config, num_clients: int) -> int:
     return max(int(num_clients * cfg.fraction_train), cfg.min_train_nodes)
 
 
+def sample_rate(cfg: Config, num_clients: int) -> float:
+    """The share of clients sampled per round, accounted as Poisson q."""
+    return min(sampled_per_round(cfg, num_clients) / num_clients, 1.0)
+
+
 @functools.lru_cache(maxsize=16)
 def noise_multiplier(cfg: Config, num_clients: int) -> float:
     """σ given outright, or the smallest that keeps all rounds within central-target-epsilon."""
     if cfg.central_noise_multiplier > 0:
         return cfg.central_noise_multiplier
-    rate = min(sampled_per_round(cfg, num_clients) / num_clients, 1.0)
     with quiet_opacus():
         return float(get_noise_multiplier(target_epsilon=cfg.central_target_epsilon, target_delta=cfg.delta,
-                                          sample_rate=rate, steps=cfg.num_server_rounds, accountant="prv",
+                                          sample_rate=sample_rate(cfg, num_clients), steps=cfg.num_server_rounds, accountant="prv",
                                           epsilon_tolerance=0.05))
 
 
@@ -50,8 +54,8 @@ def wrap(strategy: Strategy, cfg: Config, num_clients: int) -> Strategy:
 
 def ledger(cfg: Config, num_clients: int, rounds: int) -> Ledger:
     """The server's release history: `rounds` subsampled Gaussian mechanisms."""
-    rate = min(sampled_per_round(cfg, num_clients) / num_clients, 1.0)
-    return Ledger(((noise_multiplier(cfg, num_clients), rate, rounds),)) if rounds else Ledger()
+    mechanism = (noise_multiplier(cfg, num_clients), sample_rate(cfg, num_clients), rounds)
+    return Ledger((mechanism,)) if rounds else Ledger()
 
 
 def guarantee(cfg: Config, num_clients: int, rounds: int) -> dict:
