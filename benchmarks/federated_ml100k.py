@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import ROOT, require_shared, write_section
+from benchmarks.report import ROOT, merge_rows, require_shared, write_section
 
 COMMON = {"dataset": "ml-100k", "kcore": "0", "max-len": "50", "embedding-dim": "64", "hidden-dim": "64",
           "dropout": "0.1", "batch-size": "64"}
@@ -39,6 +39,7 @@ DEVICE_DP = {**DP, "num-server-rounds": "10"}  # a DP round costs ~15x a plain o
 SETTINGS: dict[str, dict[str, str]] = {
     "cross-device, non-private": {**CROSS_DEVICE, "dp": "false"},
     "cross-device, DP ε=8": {**CROSS_DEVICE, **DEVICE_DP, "target-epsilon": "8"},
+    "cross-device, DP ε=4": {**CROSS_DEVICE, **DEVICE_DP, "target-epsilon": "4"},
     "cross-device, DP ε=1": {**CROSS_DEVICE, **DEVICE_DP, "target-epsilon": "1"},
     "cross-silo, non-private": {**CROSS_SILO, "dp": "false"},
     "cross-silo, DP ε=8": {**CROSS_SILO, **SILO_DP, "target-epsilon": "8"},
@@ -119,7 +120,7 @@ def main() -> None:
                         help="also compare R rounds in-process and on Ray (0: skip)")
     args = parser.parse_args()
     data_dir = require_shared("ml-100k")
-    rows = []
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only:
             settings = {**SETTINGS[name], **({"num-server-rounds": str(args.rounds)} if args.rounds else {})}
@@ -129,14 +130,15 @@ def main() -> None:
             eps = f"{s['dp']['epsilon_max']:.2f}" if s["dp"]["enabled"] else "∞"
             seconds = sum(r["seconds"] for r in per_round) / len(per_round)
             clients = sum(r["trained"] for r in per_round) / len(per_round)
-            rows.append(f"| {name} | {eps} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | {p['ndcg@10']:.4f} | "
-                        f"{len(per_round)} | {clients:.0f} of {s['setting']['clients']} | {seconds:.1f} | "
-                        f"{result['peak_mb']:.0f} |")
-            print(rows[-1], flush=True)
+            rows[name] = (f"| {name} | {eps} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | {p['ndcg@10']:.4f} | "
+                          f"{len(per_round)} | {clients:.0f} of {s['setting']['clients']} | {seconds:.1f} | "
+                          f"{result['peak_mb']:.0f} |")
+            print(rows[name], flush=True)
         if args.engines:
             write_section("engines-ml100k", engines_side_by_side(args.engines, data_dir, Path(tmp)))
     if not rows:
         return
+    table, kept = merge_rows("federated-ml100k", rows, list(SETTINGS))
     write_section("federated-ml100k", "\n".join([
         "## Federated training on MovieLens 100K",
         "",
@@ -146,8 +148,8 @@ def main() -> None:
         "| setting | ε (max over clients) | test HR@10 | test NDCG@10 | popularity NDCG@10 | rounds | "
         "clients per round | s/round | peak MB |",
         "|---|---|---|---|---|---|---|---|---|",
-        *rows,
-    ]))
+        *table,
+    ]), kept=kept)
 
 
 if __name__ == "__main__":

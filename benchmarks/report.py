@@ -28,13 +28,40 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section between this benchmark's markers."""
+def write_section(name: str, body: str, *, kept: list[str] = ()) -> None:
+    """Replace (or append) the section between this benchmark's markers.
+
+    `kept` are the earlier "Produced by" lines of table rows this command did not re-run (see `merge_rows`).
+    """
     module = sys.modules["__main__"].__spec__.name  # benchmarks run as `python -m benchmarks.NAME`
     command = " ".join(["python -m", module, *map(shlex.quote, sys.argv[1:])])
-    section = (f"<!-- {name}:start -->\n{body.rstrip()}\n\nProduced by `{command}` on {date.today()} "
-               f"({machine()}).\n<!-- {name}:end -->")
+    produced = [f"Produced by `{command}` on {date.today()} ({machine()}).", *kept]
+    section = f"<!-- {name}:start -->\n{body.rstrip()}\n\n" + "\n".join(produced) + f"\n<!-- {name}:end -->"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    pattern = _section(name)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     BENCHMARKS.write_text(text)
+
+
+def merge_rows(name: str, rows: dict[str, str], order: list[str]) -> tuple[list[str], list[str]]:
+    """This command's table rows (by setting name) in `order`, with the rows of settings it did not
+    run kept from the section already written, so `--only` can refresh one row of a long table.
+    Returns the rows and, when any were kept, the earlier "Produced by" lines to keep with them."""
+    match = _section(name).search(BENCHMARKS.read_text()) if BENCHMARKS.exists() else None
+    earlier = {}
+    for line in (match.group(0).splitlines() if match else []):
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 2 and cells[1] in order:
+            earlier[cells[1]] = line
+    merged = [rows.get(setting) or earlier.get(setting) for setting in order]
+    kept = [s for s in order if s not in rows and s in earlier]
+    notes = []
+    if kept and match:
+        lines = match.group(0).splitlines()
+        notes = [f"Kept from before ({', '.join(kept)}): {line}" for line in lines if line.startswith("Produced by")]
+        notes += [line for line in lines if line.startswith("Kept from before")]
+    return [row for row in merged if row], notes
+
+
+def _section(name: str) -> re.Pattern[str]:
+    return re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)

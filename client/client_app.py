@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from client.secagg import secure_aggregation_mod
 from client.training import batches_per_epoch, noise_multiplier_for, train
 from common.config import Config
 from common.federation import ClientData, client_data, local_client_data
@@ -30,7 +31,7 @@ LEDGER = "privacy-ledger"  # key in Context.state, and file name under a node's 
 NOISE = "noise-multiplier"  # key in Context.state: σ per plan
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train_round(msg: Message, context: Context) -> Message:
     cfg = Config.from_run_config(context.run_config)
     server_round = int(msg.content["config"]["server-round"])

@@ -78,6 +78,10 @@ class Config:
     central_noise_multiplier: float
     central_target_epsilon: float
     central_clip: float
+    secagg: bool
+    secagg_num_shares: int
+    secagg_reconstruction_threshold: int
+    secagg_max_weight: float
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
@@ -109,6 +113,14 @@ class Config:
                "central-dp needs server-strategy = fedavg (its noise is calibrated to a uniform average)")
         _check(not self.central_dp or self.central_noise_multiplier > 0 or self.central_target_epsilon > 0,
                "with central-dp on, set central-target-epsilon > 0 or central-noise-multiplier > 0")
+        _check(self.secagg_num_shares > 2, f"secagg-num-shares must be > 2, got {self.secagg_num_shares}")
+        _check(2 <= self.secagg_reconstruction_threshold < self.secagg_num_shares,
+               "secagg-reconstruction-threshold must be >= 2 and < secagg-num-shares, "
+               f"got {self.secagg_reconstruction_threshold}")
+        _check(self.secagg_max_weight >= 0, f"secagg-max-weight must be >= 0, got {self.secagg_max_weight}")
+        _check(not self.secagg or self.partition != "devices" or self.central_dp or self.secagg_max_weight > 0,
+               "secagg with deployed clients (partition = devices) needs secagg-max-weight > 0: "
+               "at least the windows of the largest client (the server cannot count them)")
         _check(not self.dp or self.target_epsilon > 0,
                "with dp on, target-epsilon must be > 0: it is the budget every client keeps to")
 

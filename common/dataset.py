@@ -27,7 +27,7 @@ from common.loaders import Loaded, read_interactions, read_titles
 from common.synthetic import generate
 
 __all__ = ["DataError", "SequenceData", "clean", "load_dataset", "train_part", "eval_examples",
-           "training_windows", "popularity", "stats", "cache_root"]
+           "training_windows", "window_counts", "popularity", "stats", "cache_root"]
 
 MIN_SEQUENCE = 3       # leave-one-out needs one training item, a validation and a test target
 CACHE_VERSION = 1      # bump when cleaning changes, so old cache entries are not reused
@@ -339,12 +339,21 @@ def training_windows(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
     """
     flat, offsets = _flatten([train_part(s) for s in sequences])
     sizes = np.diff(offsets)
-    counts = np.where(sizes >= 2, (sizes - 2) // max_len + 1, 0)  # windows end at n, n - max_len, ... >= 2
+    counts = _window_counts(sizes, max_len)
     user = np.repeat(np.arange(len(sizes)), counts)
     oldest_first = np.arange(len(user)) - np.repeat(np.cumsum(counts) - counts, counts)
     ends = sizes[user] - (counts[user] - 1 - oldest_first) * max_len
     starts = np.maximum(ends - (max_len + 1), 0)
     return _gather(flat, offsets[user] + starts, ends - starts, max_len + 1)
+
+
+def window_counts(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
+    """How many windows `training_windows` cuts from each user, without cutting them."""
+    return _window_counts(np.array([len(train_part(s)) for s in sequences], dtype=np.int64), max_len)
+
+
+def _window_counts(sizes: np.ndarray, max_len: int) -> np.ndarray:
+    return np.where(sizes >= 2, (sizes - 2) // max_len + 1, 0)  # windows end at n, n - max_len, ... >= 2
 
 
 def popularity(sequences: list[np.ndarray], num_items: int) -> np.ndarray:

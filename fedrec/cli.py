@@ -135,6 +135,7 @@ def simulate_command(
     central_target_epsilon: Annotated[Optional[float], _opt("central-target-epsilon", "Central DP budget ε over all rounds")] = None,
     central_noise_multiplier: Annotated[Optional[float], _opt("central-noise-multiplier", "Central DP σ (0: derive from the target)")] = None,
     central_clip: Annotated[Optional[float], _opt("central-clip", "Norm each client's update is clipped to")] = None,
+    secagg: Annotated[Optional[bool], _opt("secagg", "Secure aggregation (SecAgg+): the server sees only the sum", "--secagg/--no-secagg")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Federated training of many clients in this process (the ServerApp and ClientApp, no Ray)."""

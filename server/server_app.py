@@ -32,7 +32,7 @@ from common.dataset import eval_examples, popularity
 from common.federation import catalogue, evaluation_users, federation
 from common.metrics import evaluate_model, evaluate_popularity
 from common.model import build_model
-from server import central_dp
+from server import central_dp, secagg
 from server.strategy import GuardedStrategy, make_strategy
 
 app = ServerApp()
@@ -64,6 +64,8 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
     counts = popularity(sequences, fed.data.num_items)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, fed.data.num_items)
+    if cfg.secagg:
+        grid = secagg.SecureGrid(grid, cfg, secagg.max_weight(cfg, fed))
     clients = len(fed.clients) if cfg.partition != "devices" else len(list(grid.get_node_ids()))
     strategy = GuardedStrategy(make_strategy(cfg, clients), seed=cfg.seed, min_train_nodes=cfg.min_train_nodes)
     state = {"round": 0, "elapsed": 0.0, "epsilons": {}, "arrays": ArrayRecord(model.state_dict())}
@@ -123,6 +125,7 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
                 "protects_against": "everyone, the server included: each client adds its own noise",
                 "accountant": "prv"} if cfg.dp else {"enabled": False}),
         "central_dp": central_dp.guarantee(cfg, clients, cfg.num_server_rounds) if cfg.central_dp else {"enabled": False},
+        "secure_aggregation": secagg.summary(cfg),
     }
     if out is not None:
         artifacts.write_json(out / artifacts.SUMMARY, summary)

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
 from common.config import Config
-from common.privacy import UNIT_WEIGHT
+from common.privacy import weight_key
 from server import central_dp
 
 
@@ -33,7 +33,7 @@ def make_strategy(cfg: Config, num_clients: int) -> Strategy:
     common = {"fraction_train": cfg.fraction_train, "fraction_evaluate": cfg.fraction_evaluate,
               "min_train_nodes": cfg.min_train_nodes, "min_evaluate_nodes": 1,
               "min_available_nodes": cfg.min_train_nodes,  # deployed: wait until that many nodes joined
-              "weighted_by_key": UNIT_WEIGHT if cfg.central_dp else "num-examples"}
+              "weighted_by_key": weight_key(cfg.central_dp)}
     inner = FedAdam(eta=cfg.server_lr, **common) if cfg.server_strategy == "fedadam" else FedAvg(**common)
     return central_dp.wrap(inner, cfg, num_clients) if cfg.central_dp else inner
 
