@@ -43,10 +43,12 @@ def write_section(name: str, body: str, *, kept: list[str] = ()) -> None:
     BENCHMARKS.write_text(text)
 
 
-def merge_rows(name: str, rows: dict[str, str], order: list[str]) -> tuple[list[str], list[str]]:
+def merge_rows(name: str, rows: dict[str, str], order: list[str], *,
+               cells_kept: bool = False) -> tuple[list[str], list[str]]:
     """This command's table rows (by setting name) in `order`, with the rows of settings it did not
     run kept from the section already written, so `--only` can refresh one row of a long table.
-    Returns the rows and, when any were kept, the earlier "Produced by" lines to keep with them."""
+    Returns the rows and, when any rows (or, `cells_kept`, cells of rows) were kept, the earlier
+    "Produced by" lines to keep with them."""
     match = _section(name).search(BENCHMARKS.read_text()) if BENCHMARKS.exists() else None
     earlier = {}
     for line in (match.group(0).splitlines() if match else []):
@@ -56,11 +58,23 @@ def merge_rows(name: str, rows: dict[str, str], order: list[str]) -> tuple[list[
     merged = [rows.get(setting) or earlier.get(setting) for setting in order]
     kept = [s for s in order if s not in rows and s in earlier]
     notes = []
-    if kept and match:
+    if (kept or cells_kept) and match:
         lines = match.group(0).splitlines()
-        notes = [f"Kept from before ({', '.join(kept)}): {line}" for line in lines if line.startswith("Produced by")]
+        what = ", ".join(kept) if kept else "the other cells"
+        notes = [f"Kept from before ({what}): {line}" for line in lines if line.startswith("Produced by")]
         notes += [line for line in lines if line.startswith("Kept from before")]
     return [row for row in merged if row], notes
+
+
+def table_cells(name: str) -> dict[str, list[str]]:
+    """The cells of each row of the table in section `name`, by the row's first cell."""
+    match = _section(name).search(BENCHMARKS.read_text()) if BENCHMARKS.exists() else None
+    rows = {}
+    for line in (match.group(0).splitlines() if match else []):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) > 1 and not set(cells[1]) <= set("-"):
+            rows[cells[0]] = cells[1:]
+    return rows
 
 
 def _section(name: str) -> re.Pattern[str]:

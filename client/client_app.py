@@ -21,7 +21,7 @@ from client.secagg import secure_aggregation_mod
 from client.training import batches_per_epoch, noise_multiplier_for, train
 from common.config import Config
 from common.federation import ClientData, client_data, local_client_data
-from common.metrics import evaluate_model
+from common.metrics import LIST_METRICS, evaluate_model
 from common.model import build_model
 from common.privacy import UNIT_WEIGHT, Ledger
 
@@ -67,7 +67,7 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     metrics = evaluate_model(_global_model(msg, cfg, data), *data.valid, data.num_items,
                              ks=(10,), mask_history=cfg.mask_history)
     users = metrics.pop("users")
-    metrics = {k: v for k, v in metrics.items() if not k.startswith("coverage")}  # not averageable
+    metrics = {k: v for k, v in metrics.items() if not k.startswith(LIST_METRICS)}  # not averageable
     return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "num-examples": int(users), UNIT_WEIGHT: 1})}),
                    reply_to=msg)
 

@@ -17,9 +17,7 @@ from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitr
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from common.config import Config
-from common.privacy import weight_key
-
-ARRAY_NAMES = "array-names"  # the server's `server/secagg.py` sends the model's parameter names under it
+from common.privacy import SECAGG_ARRAY_NAMES, weight_key
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -49,7 +47,7 @@ def _forget_round(context: Context) -> None:
 def _as_train(msg: Message) -> Message:
     """Legacy FitIns content -> fedrec's {"arrays", "config"}, parameter names restored."""
     config = ConfigRecord(dict(msg.content.config_records["fitins.config"]))
-    names = [str(n) for n in config.pop(ARRAY_NAMES)]
+    names = [str(n) for n in config.pop(SECAGG_ARRAY_NAMES)]
     arrays = msg.content.array_records["fitins.parameters"]
     msg.content = RecordDict({"arrays": ArrayRecord(dict(zip(names, arrays.values(), strict=True))),
                               "config": config})

@@ -17,6 +17,8 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 PARTITIONS = ("user", "iid", "skew", "devices")  # devices: clients bring their own data (deployment)
 STRATEGIES = ("fedavg", "fedadam")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+ATTACKS = ("none", "scale", "sign-flip", "random", "nan", "target")
 OPTIMIZERS = ("adam", "sgd")
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "ml-latest", "seq", "inter", "csv")
 
@@ -65,6 +67,10 @@ class Config:
     local_epochs: int
     server_strategy: str
     server_lr: float
+    aggregation: str
+    byzantine_fraction: float
+    max_update_norm: float
+    update_norm_factor: float
     eval_every: int
     round_timeout: float
     out_dir: str
@@ -82,10 +88,15 @@ class Config:
     secagg_num_shares: int
     secagg_reconstruction_threshold: int
     secagg_max_weight: float
+    attack: str
+    attack_fraction: float
+    attack_scale: float
+    target_item: str
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        for name, allowed in (("partition", PARTITIONS), ("server_strategy", STRATEGIES), ("optimizer", OPTIMIZERS)):
+        for name, allowed in (("partition", PARTITIONS), ("server_strategy", STRATEGIES), ("optimizer", OPTIMIZERS),
+                              ("aggregation", AGGREGATIONS), ("attack", ATTACKS)):
             _check(getattr(self, name) in allowed,
                    f"{_key(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("num_server_rounds", "num_clients", "local_epochs", "eval_every", "server_lr", "skew_alpha",
@@ -121,6 +132,17 @@ class Config:
         _check(not self.secagg or self.partition != "devices" or self.central_dp or self.secagg_max_weight > 0,
                "secagg with deployed clients (partition = devices) needs secagg-max-weight > 0: "
                "at least the windows of the largest client (the server cannot count them)")
+        _check(0 <= self.byzantine_fraction < 0.5, f"byzantine-fraction must be in [0, 0.5), got {self.byzantine_fraction}")
+        _check(0 <= self.attack_fraction <= 1, f"attack-fraction must be in [0, 1], got {self.attack_fraction}")
+        for name in ("max_update_norm", "update_norm_factor", "attack_scale"):
+            _check(getattr(self, name) >= 0, f"{_key(name)} must be >= 0, got {getattr(self, name)}")
+        robust = self.aggregation != "fedavg"
+        _check(not robust or (self.server_strategy == "fedavg" and not self.central_dp and not self.secagg),
+               f"aggregation = {self.aggregation} needs server-strategy = fedavg, central-dp off and secagg off "
+               "(it must see each update, and central DP's noise is calibrated to a mean)")
+        _check(self.attack != "target" or self.target_item != "", "attack = target needs target-item (a raw item id)")
+        _check(self.attack == "none" or self.partition != "devices",
+               "attacks are simulated by the in-process engine only, not with deployed clients")
         _check(not self.dp or self.target_epsilon > 0,
                "with dp on, target-epsilon must be > 0: it is the budget every client keeps to")
 

@@ -27,7 +27,7 @@ from common.loaders import Loaded, read_interactions, read_titles
 from common.synthetic import generate
 
 __all__ = ["DataError", "SequenceData", "clean", "load_dataset", "train_part", "eval_examples",
-           "training_windows", "window_counts", "popularity", "stats", "cache_root"]
+           "training_windows", "window_counts", "item_index", "popularity", "stats", "cache_root"]
 
 MIN_SEQUENCE = 3       # leave-one-out needs one training item, a validation and a test target
 CACHE_VERSION = 1      # bump when cleaning changes, so old cache entries are not reused
@@ -345,6 +345,14 @@ def training_windows(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
     ends = sizes[user] - (counts[user] - 1 - oldest_first) * max_len
     starts = np.maximum(ends - (max_len + 1), 0)
     return _gather(flat, offsets[user] + starts, ends - starts, max_len + 1)
+
+
+def item_index(data: SequenceData, raw_id: str) -> int:
+    """The model's id (1..N) of the item the data set calls `raw_id`."""
+    matches = np.flatnonzero(data.item_ids.astype(str) == str(raw_id))
+    if not len(matches):
+        raise DataError(f"item {raw_id!r} is not an item of the data set")
+    return int(matches[0]) + 1
 
 
 def window_counts(sequences: list[np.ndarray], max_len: int) -> np.ndarray:

@@ -19,6 +19,12 @@ Conventions the rest of fedrec relies on:
   is itself in the history becomes a miss.
 - Metrics are means over users. With one target per user, recall@K equals HR@K, precision@K is
   HR@K / K and F1@K (2PR / (P + R) on a hit, 0 on a miss) is HR@K * 2 / (K + 1).
+- Bias and exposure are read off the top-K lists of all users together, so they are not means over
+  users and cannot be averaged across clients (`USER_MEANS_ONLY`): coverage@K (share of items in
+  anyone's list), gini@K (Gini index of how often each item is listed: 0 = every item equally,
+  towards 1 = a few items take every slot), head-share@K (share of all listed slots that go to the
+  20% most popular items, given their ids) and target-exposure@K (share of users with one watched
+  item, e.g. an attacker's target, in their list).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import torch
 from torch import nn
 
 DEFAULT_KS: tuple[int, ...] = (5, 10, 20)
+HEAD_SHARE = 0.2  # the "most popular items" of head-share@K: the top 20% by training interactions
+LIST_METRICS = ("coverage@", "gini@", "head-share@", "target-exposure@")  # not means over users
 
 _NEG_INF = float("-inf")
 
@@ -42,22 +50,36 @@ class RankingAccumulator:
     """
 
     def __init__(
-        self, num_items: int, ks: Sequence[int] = DEFAULT_KS, mask_history: bool = False
+        self,
+        num_items: int,
+        ks: Sequence[int] = DEFAULT_KS,
+        mask_history: bool = False,
+        *,
+        head: torch.Tensor | None = None,
+        target: int | None = None,
     ) -> None:
+        """`head`: bool (N+1,) marking the most popular items, for head-share@K; `target`: an
+        item id whose exposure@K is reported."""
         if num_items < 1:
             raise ValueError(f"num_items must be at least 1, got {num_items}")
         ks = tuple(sorted({int(k) for k in ks}))
         if not ks or ks[0] < 1:
             raise ValueError(f"ks must be positive cut-offs, got {ks}")
+        if head is not None and tuple(head.shape) != (num_items + 1,):
+            raise ValueError(f"head must have shape ({num_items + 1},), got {tuple(head.shape)}")
+        if target is not None and not 1 <= target <= num_items:
+            raise ValueError(f"target must be an item id in 1..{num_items}, got {target}")
         self.num_items = num_items
         self.ks = ks
         self.mask_history = mask_history
+        self.head = head
+        self.target = target
         self._users = 0
         self._hits = dict.fromkeys(ks, 0.0)
         self._ndcg = dict.fromkeys(ks, 0.0)
         self._mrr = dict.fromkeys(ks, 0.0)
-        # Kept on the CPU whatever device the scores are on: only top-K ids travel there.
-        self._recommended = {k: torch.zeros(num_items + 1, dtype=torch.bool) for k in ks}
+        # How often each item is listed, per K; on the CPU whatever device the scores are on.
+        self._listed = {k: torch.zeros(num_items + 1, dtype=torch.int64) for k in ks}
 
     def add(
         self, scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None = None
@@ -104,7 +126,7 @@ class RankingAccumulator:
             self._ndcg[k] += torch.where(hit, 1.0 / torch.log2(ranks + 1.0), 0.0).sum().item()
             self._mrr[k] += torch.where(hit, 1.0 / ranks, 0.0).sum().item()
             listed = top_items[:, :k][top_recommendable[:, :k]]
-            self._recommended[k][listed.cpu()] = True
+            self._listed[k] += torch.bincount(listed.cpu(), minlength=self.num_items + 1)
         self._users += batch
 
     def result(self) -> dict[str, float]:
@@ -124,14 +146,36 @@ class RankingAccumulator:
         metrics.update({f"precision@{k}": hr[k] / k for k in self.ks})
         metrics.update({f"recall@{k}": hr[k] for k in self.ks})
         metrics.update({f"f1@{k}": hr[k] * 2.0 / (k + 1) for k in self.ks})
-        metrics.update(
-            {
-                f"coverage@{k}": self._recommended[k][1:].sum().item() / self.num_items
-                for k in self.ks
-            }
-        )
+        for k in self.ks:
+            counts = self._listed[k][1:]
+            metrics[f"coverage@{k}"] = (counts > 0).sum().item() / self.num_items
+            metrics[f"gini@{k}"] = gini(counts)
+            if self.head is not None:
+                metrics[f"head-share@{k}"] = counts[self.head[1:]].sum().item() / max(counts.sum().item(), 1)
+            if self.target is not None:
+                metrics[f"target-exposure@{k}"] = self._listed[k][self.target].item() / users
         metrics["users"] = float(users)
         return metrics
+
+
+def gini(counts: torch.Tensor) -> float:
+    """Gini index of non-negative counts: 0 when all are equal, (n - 1) / n when one has them all."""
+    x = torch.sort(counts.to(torch.float64)).values
+    n, total = len(x), x.sum().item()
+    if n == 0 or total == 0:
+        return 0.0
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(((2 * ranks - n - 1) * x).sum().item() / (n * total))
+
+
+def head_items(counts: np.ndarray | torch.Tensor, share: float = HEAD_SHARE) -> torch.Tensor:
+    """bool (N+1,): the `share` most popular items by `counts` (N+1,), ties by id; padding excluded."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    size = max(1, round(share * (len(counts) - 1)))
+    order = torch.sort(-counts[1:], stable=True).indices[:size] + 1
+    head = torch.zeros(len(counts), dtype=torch.bool)
+    head[order] = True
+    return head
 
 
 def _target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -202,6 +246,8 @@ def evaluate_popularity(
     ks: Sequence[int] = DEFAULT_KS,
     mask_history: bool = False,
     batch_size: int = 512,
+    head: torch.Tensor | None = None,
+    target: int | None = None,
 ) -> dict[str, float]:
     """Metrics of recommending the same most-popular list to every user.
 
@@ -212,7 +258,7 @@ def evaluate_popularity(
         raise ValueError("mask_history=True needs the users' histories (inputs)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    accumulator = RankingAccumulator(num_items, ks, mask_history)
+    accumulator = RankingAccumulator(num_items, ks, mask_history, head=head, target=target)
     row = popularity_scores(counts, batch_size)
     for start in range(0, len(targets), batch_size):
         batch_targets = torch.as_tensor(targets[start : start + batch_size], dtype=torch.long)
@@ -234,6 +280,8 @@ def evaluate_model(
     ks: Sequence[int] = DEFAULT_KS,
     mask_history: bool = False,
     device: str | torch.device = "cpu",
+    head: torch.Tensor | None = None,
+    target: int | None = None,
 ) -> dict[str, float]:
     """Metrics of a model that has `last_scores(items (B, L), lengths (B,)) -> (B, N+1)`.
 
@@ -255,7 +303,7 @@ def evaluate_model(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
-    accumulator = RankingAccumulator(num_items, ks, mask_history)
+    accumulator = RankingAccumulator(num_items, ks, mask_history, head=head, target=target)
     was_training = model.training
     model.eval()
     try:
@@ -274,9 +322,10 @@ def evaluate_model(
 def mean_metrics(results: list[tuple[dict[str, float], float]]) -> dict[str, float]:
     """Weighted mean of metric dicts, weights being user counts; "users" becomes their total.
 
-    Used to aggregate per-client evaluations. Every metric here except coverage is a mean over
-    users, so the user-weighted mean of client results equals the metric over all their users.
-    Coverage is left out: the share of items recommended to anyone is a union over clients,
+    Used to aggregate per-client evaluations. Every metric here except the list metrics
+    (`LIST_METRICS`) is a mean over users, so the user-weighted mean of client results equals the
+    metric over all their users. The list metrics are left out: e.g. coverage, the share of items
+    recommended to anyone, is a union over clients,
     and a mean of per-client coverages is at most the largest client's coverage, so it would
     understate the real figure under the same name and not be comparable with a centralised
     coverage. Computing it exactly would need clients to send the items they recommend, which
@@ -294,7 +343,7 @@ def mean_metrics(results: list[tuple[dict[str, float], float]]) -> dict[str, flo
     averaged = {
         key: sum(metrics[key] * weight for metrics, weight in results) / total
         for key in keys
-        if key != "users" and not key.startswith("coverage@")
+        if key != "users" and not key.startswith(LIST_METRICS)
     }
     averaged["users"] = float(total)
     return averaged

@@ -29,6 +29,9 @@ Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 UNIT_WEIGHT = "unit-weight"  # a metric every reply carries as 1: under central DP FedAvg averages uniformly by it
 
 
+SECAGG_ARRAY_NAMES = "array-names"  # config key: SecAgg+'s legacy message layout drops the parameter names
+
+
 def weight_key(central_dp: bool) -> str:
     """The reply metric the average weighs clients by: their training windows, or the same for
     every client under central DP (its noise is calibrated to a uniform average)."""

@@ -136,6 +136,14 @@ def simulate_command(
     central_noise_multiplier: Annotated[Optional[float], _opt("central-noise-multiplier", "Central DP σ (0: derive from the target)")] = None,
     central_clip: Annotated[Optional[float], _opt("central-clip", "Norm each client's update is clipped to")] = None,
     secagg: Annotated[Optional[bool], _opt("secagg", "Secure aggregation (SecAgg+): the server sees only the sum", "--secagg/--no-secagg")] = None,
+    aggregation: Annotated[Optional[str], _opt("aggregation", "fedavg, median, trimmed-mean, krum, multi-krum or bulyan")] = None,
+    byzantine_fraction: Annotated[Optional[float], _opt("byzantine-fraction", "Share of a round's clients the defence assumes malicious")] = None,
+    max_update_norm: Annotated[Optional[float], _opt("max-update-norm", "Reject longer updates (0: update-norm-factor x the round's median)")] = None,
+    update_norm_factor: Annotated[Optional[float], _opt("update-norm-factor", "Norm bound as a multiple of the round's median (0: none)")] = None,
+    attack: Annotated[Optional[str], _opt("attack", "Simulated attack: scale, sign-flip, random, nan or target")] = None,
+    attack_fraction: Annotated[Optional[float], _opt("attack-fraction", "Share of the clients that are malicious")] = None,
+    attack_scale: Annotated[Optional[float], _opt("attack-scale", "Factor the attackers boost their update by")] = None,
+    target_item: Annotated[Optional[str], _opt("target-item", "Raw item id the target attack pushes (its exposure is reported)")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Federated training of many clients in this process (the ServerApp and ClientApp, no Ray)."""
@@ -299,10 +307,19 @@ def _load_model(path: Path) -> tuple[Any, dict[str, Any], int]:
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    table = Table("", "HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", title=f"test metrics ({out})")
-    for name, m in (("model", summary["test"]), ("most popular", summary["popularity_test"])):
-        table.add_row(name, *(f"{m[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20")))
-    console.print(table)
+    columns = {"accuracy": {"hr@10": "HR@10", "ndcg@10": "NDCG@10", "mrr@10": "MRR@10", "hr@20": "HR@20",
+                             "ndcg@20": "NDCG@20"},
+               "bias and exposure": {"coverage@10": "coverage@10", "gini@10": "Gini@10", "head-share@10": "top-20% share@10",
+                                     "target-exposure@10": "target exposure@10"}}
+    models = (("model", summary["test"]), ("most popular", summary["popularity_test"]))
+    for title, names in columns.items():
+        keys = [k for k in names if all(k in m for _, m in models)]
+        if not keys:
+            continue
+        table = Table("", *(names[k] for k in keys), title=f"test {title} ({out})")
+        for name, m in models:
+            table.add_row(name, *(f"{m[k]:.4f}" for k in keys))
+        console.print(table)
     dp = summary["dp"]
     if dp["enabled"]:
         epsilon = f"ε = {dp['epsilon']:.3f}" if "epsilon" in dp else f"ε ≤ {dp['epsilon_max']:.3f} per client (median {dp['epsilon_median']:.3f})"

@@ -33,8 +33,8 @@ from flwr.serverapp import Grid
 from common.config import Config, ConfigError
 from common.dataset import window_counts
 from common.federation import Federation
+from common.privacy import SECAGG_ARRAY_NAMES
 
-ARRAY_NAMES = "array-names"  # config key: the legacy layout drops the model's parameter names
 CLIPPING_RANGE = 8.0  # SecAgg+'s default: weights are clipped to ±8 before quantisation
 QUANTIZATION_RANGE = 2**22
 MODULUS_RANGE = 2**32
@@ -129,7 +129,7 @@ class _Relay(LegacyStrategy):
         instructions = []
         for node_id, message in self.messages.items():
             arrays = message.content["arrays"]
-            config = {**dict(message.content["config"]), ARRAY_NAMES: list(arrays.keys())}
+            config = {**dict(message.content["config"]), SECAGG_ARRAY_NAMES: list(arrays.keys())}
             instructions.append((GridClientProxy(node_id, self.grid, self.grid.run.run_id),
                                  FitIns(arrayrecord_to_parameters(arrays, keep_input=True), config)))
         return instructions

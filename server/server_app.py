@@ -28,9 +28,9 @@ from flwr.serverapp import Grid, ServerApp
 from client.training import dp_unit
 from common import artifacts
 from common.config import Config
-from common.dataset import eval_examples, popularity
+from common.dataset import eval_examples, item_index, popularity
 from common.federation import catalogue, evaluation_users, federation
-from common.metrics import evaluate_model, evaluate_popularity
+from common.metrics import evaluate_model, evaluate_popularity, head_items
 from common.model import build_model
 from server import central_dp, secagg
 from server.strategy import GuardedStrategy, make_strategy
@@ -62,12 +62,15 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
     valid = eval_examples(sequences, "valid", cfg.max_len)
     test = eval_examples(sequences, "test", cfg.max_len)
     counts = popularity(sequences, fed.data.num_items)
+    # Bias and exposure figures ride along with every evaluation (common/metrics.py).
+    lists = {"head": head_items(counts), "target": item_index(fed.data, cfg.target_item) if cfg.target_item else None}
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, fed.data.num_items)
     if cfg.secagg:
         grid = secagg.SecureGrid(grid, cfg, secagg.max_weight(cfg, fed))
     clients = len(fed.clients) if cfg.partition != "devices" else len(list(grid.get_node_ids()))
-    strategy = GuardedStrategy(make_strategy(cfg, clients), seed=cfg.seed, min_train_nodes=cfg.min_train_nodes)
+    strategy = GuardedStrategy(make_strategy(cfg, clients), seed=cfg.seed, min_train_nodes=cfg.min_train_nodes,
+                               max_update_norm=cfg.max_update_norm, update_norm_factor=cfg.update_norm_factor)
     state = {"round": 0, "elapsed": 0.0, "epsilons": {}, "arrays": ArrayRecord(model.state_dict())}
     if cfg.resume:
         state = _restore(out, strategy, grid, model)
@@ -77,7 +80,8 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
 
     # Deployed clients read their own files: they learn the model's item order from the server.
     catalogue_config = ConfigRecord({"items": catalogue(cfg)} if cfg.partition == "devices" else {})
-    popular = evaluate_popularity(counts, valid[2], fed.data.num_items, inputs=valid[0], mask_history=cfg.mask_history)
+    popular = evaluate_popularity(counts, valid[2], fed.data.num_items, inputs=valid[0], mask_history=cfg.mask_history,
+                                  **lists)
     log.info("fedrec: %d clients, %d evaluation users, %d items; most-popular validation NDCG@10 %.4f",
              clients, len(sequences), fed.data.num_items, popular["ndcg@10"])
     clock = [time.perf_counter() - state["elapsed"], time.perf_counter()]
@@ -90,7 +94,7 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
             metrics = None
         else:
             model.load_state_dict(arrays.to_torch_state_dict())
-            metrics = evaluate_model(model, *valid, fed.data.num_items, mask_history=cfg.mask_history)
+            metrics = evaluate_model(model, *valid, fed.data.num_items, mask_history=cfg.mask_history, **lists)
         book = strategy.rounds.get(done, {})
         state["epsilons"].update(book.get("epsilons", {}))
         now = time.perf_counter()
@@ -114,9 +118,16 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
                     "fraction-train": cfg.fraction_train, "local-epochs": cfg.local_epochs,
                     "strategy": cfg.server_strategy, "evaluation-users": len(sequences),
                     "holdout-users": cfg.holdout_users},
-        "test": evaluate_model(model, *test, fed.data.num_items, mask_history=cfg.mask_history),
+        "test": evaluate_model(model, *test, fed.data.num_items, mask_history=cfg.mask_history, **lists),
         "popularity_test": evaluate_popularity(counts, test[2], fed.data.num_items, inputs=test[0],
-                                               mask_history=cfg.mask_history),
+                                               mask_history=cfg.mask_history, **lists),
+        "robustness": {"aggregation": cfg.aggregation, "byzantine_fraction": cfg.byzantine_fraction,
+                       "update_norm_bound": (f"{cfg.max_update_norm:g}" if cfg.max_update_norm > 0 else
+                                             f"{cfg.update_norm_factor:g} x the round's median" if cfg.update_norm_factor > 0
+                                             else "none"),
+                       "rejected": _rejections(strategy.rounds.values())},
+        "attack": ({"kind": cfg.attack, "fraction": cfg.attack_fraction, "scale": cfg.attack_scale,
+                    "target_item": cfg.target_item} if cfg.attack != "none" else {"kind": "none"}),
         "seconds": time.perf_counter() - clock[0],
         "dp": ({"enabled": True, "epsilon_max": max(epsilons, default=0.0),
                 "epsilon_median": statistics.median(epsilons) if epsilons else 0.0,
@@ -137,12 +148,26 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
     return summary
 
 
+ROUND_METRICS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10", "gini@10", "head-share@10", "target-exposure@10")
+
+
+def _rejections(books: Any) -> dict[str, int]:
+    """Rejected replies over the whole run, by reason."""
+    total: dict[str, int] = {}
+    for book in books:
+        for reason, count in book.get("rejected_by", {}).items():
+            total[reason] = total.get(reason, 0) + count
+    return total
+
+
 def _round_record(done: int, seconds: float, book: dict[str, Any], metrics: dict[str, float] | None) -> dict[str, Any]:
     record: dict[str, Any] = {"round": done, "seconds": seconds}
     record.update({k: book.get(k, 0) for k in ("sampled", "trained", "declined", "failed", "rejected")})
-    record.update({k: book.get(k) for k in ("train_loss", "epsilon_max", "epsilon_median")})
+    record["rejected_by"] = book.get("rejected_by", {})
+    record.update({k: book.get(k) for k in ("train_loss", "epsilon_max", "epsilon_median", "update_norm_median",
+                                            "update_norm_bound")})
     if metrics is not None:
-        record.update({k: metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
+        record.update({k: metrics[k] for k in ROUND_METRICS if k in metrics})
     record.update({f"federated_{k}": v for k, v in book.get("federated", {}).items()})
     return record
 

@@ -1,13 +1,17 @@
-"""Server strategy: Flower's FedAvg or FedAdam, behind a guard that fedrec adds.
+"""Server strategy: one of Flower's strategies, behind a guard that fedrec adds.
 
-The guard wraps any `flwr.serverapp.strategy.Strategy` and
+`aggregation` picks Flower's FedAvg (or FedAdam, `server-strategy`) or one of its robust
+strategies: coordinate-wise median, trimmed mean, Krum, Multi-Krum, Bulyan. The guard wraps any
+`flwr.serverapp.strategy.Strategy` and
 - samples clients reproducibly (Flower samples with the `random` module; the guard seeds it
   per round from the run's seed, so a resumed run samples the rounds it replays identically),
 - counts sampled clients that never replied (timed out) as failed,
-- drops, before aggregation, replies that failed, declined (privacy budget spent) or carry
-  weights of the wrong shape or dtype or with NaN/Inf, and counts each kind,
+- validates every reply before aggregation and drops, counting each reason: failed, declined
+  (privacy budget spent), and rejected for other keys than the global model's, another shape or
+  dtype, NaN/Inf, missing metrics, or an update (reply minus global weights) longer than the
+  round's norm bound (`max-update-norm`, or `update-norm-factor` times the round's median norm),
 - skips aggregation when fewer than `min-train-nodes` usable replies came back,
-- keeps per-round bookkeeping (counts, mean train loss, clients' ε) for metrics.jsonl.
+- keeps per-round bookkeeping (counts, mean train loss, clients' ε, norms) for metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
+from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from common.config import Config
 from common.privacy import weight_key
@@ -34,16 +38,37 @@ def make_strategy(cfg: Config, num_clients: int) -> Strategy:
               "min_train_nodes": cfg.min_train_nodes, "min_evaluate_nodes": 1,
               "min_available_nodes": cfg.min_train_nodes,  # deployed: wait until that many nodes joined
               "weighted_by_key": weight_key(cfg.central_dp)}
-    inner = FedAdam(eta=cfg.server_lr, **common) if cfg.server_strategy == "fedadam" else FedAvg(**common)
+    sampled = central_dp.sampled_per_round(cfg, num_clients)
+    byzantine = int(cfg.byzantine_fraction * sampled)  # f: the malicious clients a round is assumed to hold
+    if cfg.aggregation == "median":
+        inner = FedMedian(**common)
+    elif cfg.aggregation == "trimmed-mean":
+        inner = FedTrimmedAvg(beta=cfg.byzantine_fraction, **common)
+    elif cfg.aggregation == "krum":
+        inner = Krum(num_malicious_nodes=byzantine, **common)
+    elif cfg.aggregation == "multi-krum":
+        inner = MultiKrum(num_malicious_nodes=byzantine, num_nodes_to_select=sampled - byzantine, **common)
+    elif cfg.aggregation == "bulyan":
+        inner = Bulyan(num_malicious_nodes=byzantine, **common)
+    elif cfg.server_strategy == "fedadam":
+        inner = FedAdam(eta=cfg.server_lr, **common)
+    else:
+        inner = FedAvg(**common)
     return central_dp.wrap(inner, cfg, num_clients) if cfg.central_dp else inner
 
 
+REJECTIONS = ("keys", "shape", "dtype", "nonfinite", "metrics", "norm")  # why a reply was rejected
+
+
 class GuardedStrategy(Strategy):
-    def __init__(self, inner: Strategy, *, seed: int, min_train_nodes: int, round_offset: int = 0) -> None:
+    def __init__(self, inner: Strategy, *, seed: int, min_train_nodes: int, round_offset: int = 0,
+                 max_update_norm: float = 0.0, update_norm_factor: float = 0.0) -> None:
         self.inner = inner
         self.seed = seed
         self.min_train_nodes = min_train_nodes
         self.round_offset = round_offset  # rounds done before a resume
+        self.max_update_norm = max_update_norm
+        self.update_norm_factor = update_norm_factor
         self.reference: ArrayRecord | None = None
         self.rounds: dict[int, dict[str, Any]] = {}
 
@@ -63,21 +88,34 @@ class GuardedStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         book = self.rounds.setdefault(server_round, {"sampled": 0})
-        usable, counts, epsilons, losses = [], dict.fromkeys(("failed", "declined", "rejected"), 0), {}, []
         replies = list(replies)
-        counts["failed"] = max(book["sampled"] - len(replies), 0)  # no reply within the round's timeout
+        failed = max(book["sampled"] - len(replies), 0)  # no reply within the round's timeout
+        declined, rejected, valid, epsilons = 0, dict.fromkeys(REJECTIONS, 0), [], {}
         for reply in replies:
             kind = self._triage(reply)
-            if kind != "trained":
-                counts[kind] += 1
+            if kind == "failed":
+                failed += 1
+                continue
+            metrics = reply.content.metric_records.get("metrics", {})
+            if "epsilon" in metrics:  # spent whatever happens to the update next
+                epsilons[reply.metadata.src_node_id] = float(metrics["epsilon"])
+            if kind == "declined":
+                declined += 1
+            elif kind in rejected:
+                rejected[kind] += 1
             else:
-                usable.append(reply)
-            if kind in ("trained", "declined") and "epsilon" in reply.content["metrics"]:
-                epsilons[reply.metadata.src_node_id] = float(reply.content["metrics"]["epsilon"])
-            if kind == "trained":
-                losses.append(float(reply.content["metrics"]["train-loss"]))
-        book.update(counts, trained=len(usable), replied=len(usable) + counts["declined"] + counts["rejected"],
+                valid.append(reply)
+        norms = [_update_norm(r.content["arrays"], self.reference) for r in valid]
+        bound = self._norm_bound(norms)
+        usable = [r for r, n in zip(valid, norms, strict=True) if n <= bound]
+        rejected["norm"] = len(valid) - len(usable)
+        losses = [float(r.content["metrics"]["train-loss"]) for r in usable]
+        book.update(failed=failed, declined=declined, rejected=sum(rejected.values()),
+                    rejected_by={k: v for k, v in rejected.items() if v},
+                    trained=len(usable), replied=len(usable) + declined + sum(rejected.values()),
                     train_loss=statistics.fmean(losses) if losses else None,
+                    update_norm_median=statistics.median(norms) if norms else None,
+                    update_norm_bound=bound if bound < float("inf") else None,
                     epsilons=epsilons, epsilon_max=max(epsilons.values(), default=None),
                     epsilon_median=statistics.median(epsilons.values()) if epsilons else None)
         if len(usable) < self.min_train_nodes:
@@ -86,6 +124,14 @@ class GuardedStrategy(Strategy):
         book["aggregated"] = True
         arrays, metrics = self.inner.aggregate_train(server_round, usable)
         return _cast_like(arrays, self.reference), metrics
+
+    def _norm_bound(self, norms: list[float]) -> float:
+        """`max-update-norm` if set, else `update-norm-factor` times the round's median (0: no bound)."""
+        if self.max_update_norm > 0:
+            return self.max_update_norm
+        if self.update_norm_factor > 0 and norms:
+            return self.update_norm_factor * statistics.median(norms)
+        return float("inf")
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -101,17 +147,18 @@ class GuardedStrategy(Strategy):
         return metrics
 
     def _triage(self, reply: Message) -> str:
-        """trained, failed (error reply), declined (budget) or rejected (malformed weights)."""
+        """failed (error reply), declined (budget), valid, or the reason it is rejected (`REJECTIONS`)."""
         if reply.has_error():
             return "failed"
         content = reply.content
         if "metrics" in content and int(content["metrics"].get("declined", 0)) == 1:
             return "declined"
-        if not _matches(content.array_records.get("arrays"), self.reference):
-            return "rejected"
+        problem = _mismatch(content.array_records.get("arrays"), self.reference)
+        if problem:
+            return problem
         if "metrics" not in content or not all(k in content["metrics"] for k in ("num-examples", "train-loss", "epsilon")):
-            return "rejected"
-        return "trained"
+            return "metrics"
+        return "valid"
 
 
 def _cast_like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
@@ -122,14 +169,22 @@ def _cast_like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecor
     return ArrayRecord({k: Array(arrays[k].numpy().astype(reference[k].numpy().dtype)) for k in arrays.keys()})
 
 
-def _matches(arrays: ArrayRecord | None, reference: ArrayRecord | None) -> bool:
-    """Same keys, shapes and dtypes as the global model, and every value finite."""
+def _mismatch(arrays: ArrayRecord | None, reference: ArrayRecord | None) -> str:
+    """Why `arrays` cannot be averaged into the global model ('' if it can)."""
     if arrays is None or reference is None or list(arrays.keys()) != list(reference.keys()):
-        return False
+        return "keys"
     for key, ref in reference.items():
         got = arrays[key]
-        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
-            return False
-        if not np.isfinite(got.numpy()).all():
-            return False
-    return True
+        if tuple(got.shape) != tuple(ref.shape):
+            return "shape"
+        if got.dtype != ref.dtype:
+            return "dtype"
+    if not all(np.isfinite(arrays[key].numpy()).all() for key in arrays.keys()):
+        return "nonfinite"
+    return ""
+
+
+def _update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of the update, all weights together, in float64."""
+    return float(np.sqrt(sum(np.sum((arrays[k].numpy().astype(np.float64) - reference[k].numpy()) ** 2)
+                             for k in reference.keys())))

@@ -15,6 +15,7 @@ from common import artifacts
 from common.config import Config
 from common.federation import federation
 from server.server_app import app as server_app, show_progress
+from simulation.attacks import with_attackers
 from simulation.grid import InProcessGrid, run_server_app
 
 
@@ -24,7 +25,8 @@ def simulate(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
         raise artifacts.OutputExistsError("a simulation needs an output folder (--out)")
     logging.getLogger("flwr").setLevel(logging.WARNING)  # fedrec prints its own line per round
     show_progress(not quiet)
-    grid = InProcessGrid(client_app, len(federation(cfg).clients), cfg.to_run_config())
+    clients = len(federation(cfg).clients)
+    grid = InProcessGrid(with_attackers(client_app, cfg, clients), clients, cfg.to_run_config())
     run_server_app(server_app, grid)
     out = Path(cfg.out_dir)
     _copy_ledgers(grid, out / artifacts.LEDGERS)

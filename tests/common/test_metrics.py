@@ -10,10 +10,13 @@ import torch
 from torch import nn
 
 from common.metrics import (
+    LIST_METRICS,
     RankingAccumulator,
     evaluate_model,
     evaluate_popularity,
     evaluate_scores,
+    gini,
+    head_items,
     mean_metrics,
     popularity_scores,
     top_k_items,
@@ -260,7 +263,7 @@ def test_mean_metrics_equals_pooled_evaluation():
     parts = [(scores[:2], targets[:2]), (scores[2:], targets[2:])]
     per_client = [(evaluate_scores([(s, t, None)], 10), len(t)) for s, t in parts]
     pooled = evaluate_scores([(scores, targets, None)], 10)
-    expected = {key: value for key, value in pooled.items() if not key.startswith("coverage@")}
+    expected = {key: value for key, value in pooled.items() if not key.startswith(LIST_METRICS)}
     assert mean_metrics(per_client) == pytest.approx(expected)
 
 
@@ -269,3 +272,35 @@ def test_mean_metrics_rejects_bad_input():
         mean_metrics([])
     with pytest.raises(ValueError, match="same keys"):
         mean_metrics([({"hr@10": 0.5}, 1), ({"ndcg@10": 0.5}, 1)])
+
+
+def test_list_metrics_read_the_top_k_lists_of_all_users():
+    # 4 users, 6 items; scores make item 1 everyone's first and items 2..5 each one user's second.
+    scores = torch.full((4, 7), -1.0)
+    scores[:, 1] = 10.0
+    for user in range(4):
+        scores[user, 2 + user] = 5.0
+    targets = torch.tensor([1, 2, 3, 6])
+    head = head_items(torch.tensor([0, 50, 40, 1, 1, 1, 1]))  # 20% of 6 items: the single most popular, item 1
+    accumulator = RankingAccumulator(6, ks=(1, 2), head=head, target=3)
+    accumulator.add(scores, targets)
+    m = accumulator.result()
+    assert m["coverage@1"] == pytest.approx(1 / 6) and m["coverage@2"] == pytest.approx(5 / 6)
+    assert m["head-share@1"] == 1.0 and m["head-share@2"] == pytest.approx(4 / 8)
+    assert m["target-exposure@1"] == 0.0 and m["target-exposure@2"] == pytest.approx(1 / 4)
+    assert m["gini@1"] == pytest.approx(5 / 6)  # one item takes every slot: (n - 1) / n
+    assert m["gini@2"] == pytest.approx(gini(torch.tensor([4, 1, 1, 1, 1, 0])))
+
+
+def test_gini_and_head_items():
+    assert gini(torch.tensor([3, 3, 3])) == 0.0
+    assert gini(torch.tensor([0, 0, 9])) == pytest.approx(2 / 3)
+    assert gini(torch.zeros(4)) == 0.0
+    head = head_items(np.array([0, 5, 9, 9, 1, 0, 2, 3, 4, 0, 7]))  # 10 items: the 2 most popular, ties by id
+    assert head.nonzero().flatten().tolist() == [2, 3]
+
+
+def test_popularity_baseline_puts_every_slot_on_the_head():
+    counts = np.array([0, 9, 8, 7, 1, 1, 1, 1, 1, 1, 1])
+    m = evaluate_popularity(counts, np.array([1, 5, 6]), 10, ks=(2,), head=head_items(counts))
+    assert m["head-share@2"] == 1.0 and m["coverage@2"] == pytest.approx(0.2)

@@ -134,6 +134,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(monkeypatch, capsys, tmp_pa
         (["run", "--superlink", "h:1", "--insecure", "--out", "runs/x"], "must be an absolute path on the server"),
         (["privacy", "--run", "."], "privacy.json not found"),
         (["simulate", "--central-dp", "--server-strategy", "fedadam", "--out", "x"], "central-dp needs server-strategy = fedavg"),
+        (["simulate", "--attack", "flood", "--out", "x"], "attack must be one of"),
+        (["simulate", "--attack", "target", "--out", "x"], "attack = target needs target-item"),
+        (["simulate", "--aggregation", "krum", "--secagg", "--out", "x"], "aggregation = krum needs server-strategy = fedavg"),
+        (["simulate", "--attack", "target", "--target-item", "nope", "--out", "x"], "item 'nope' is not an item"),
     ],
 )
 def test_deployment_and_export_commands_check_their_input(monkeypatch, capsys, tmp_path, args, expected):

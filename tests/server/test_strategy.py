@@ -5,6 +5,7 @@ node ``p`` replies ``w + (p + 1)`` with ``num-examples = p + 1``, so FedAvg over
 G adds ``sum((p + 1)^2) / sum(p + 1)`` per round. The first partitions misbehave:
 
     0: NaN weights   1: wrong shape   2: raises   3: an extra key   4: declines (budget)
+    5: an update 100 times too long (rejected by the norm bound when one is set)
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from flwr.serverapp.strategy import FedAvg
 from server.strategy import GuardedStrategy, make_strategy
 from simulation.grid import NODE_ID_OFFSET, InProcessGrid, run_server_app
 
-NAN, SHAPE, RAISES, EXTRA, DECLINES = range(5)
-BAD = (NAN, SHAPE, RAISES, EXTRA, DECLINES)
+NAN, SHAPE, RAISES, EXTRA, DECLINES, BOOSTED = range(6)
+BAD = (NAN, SHAPE, RAISES, EXTRA, DECLINES, BOOSTED)
 
 
 def make_client_app(bad: tuple[int, ...] = BAD, *, declined_metrics: dict[str, Any] | None = None) -> ClientApp:
@@ -46,6 +47,8 @@ def make_client_app(bad: tuple[int, ...] = BAD, *, declined_metrics: dict[str, A
                 raise RuntimeError("client crashed")
             elif pid == EXTRA:
                 arrays = {**arrays, "extra": Array(np.zeros(2))}
+            elif pid == BOOSTED:
+                arrays = {"w": Array(w + 100.0 * (pid + 1))}
             elif pid == DECLINES:
                 declined = declined_metrics if declined_metrics is not None else {
                     "num-examples": 0, "declined": 1, "epsilon": 7.5}
@@ -98,9 +101,9 @@ def fedavg_step(good: list[int]) -> float:
 
 
 def test_only_good_replies_are_averaged_and_each_bad_kind_is_counted():
-    n = 8
-    good = [p for p in range(n) if p not in BAD]  # 5, 6, 7
-    strategy = guarded()
+    n = 9
+    good = [p for p in range(n) if p not in BAD]  # 6, 7, 8
+    strategy = guarded(update_norm_factor=3.0)
     out = run(strategy, InProcessGrid(make_client_app(), n, {}), num_rounds=2)
 
     final = out["result"].arrays["w"].numpy()
@@ -110,12 +113,17 @@ def test_only_good_replies_are_averaged_and_each_bad_kind_is_counted():
     for r in (1, 2):
         book = strategy.rounds[r]
         assert {k: book[k] for k in ("sampled", "failed", "declined", "rejected", "trained", "replied")} == {
-            "sampled": n, "failed": 1, "declined": 1, "rejected": 3, "trained": len(good),
+            "sampled": n, "failed": 1, "declined": 1, "rejected": 4, "trained": len(good),
             "replied": n - 1}
+        assert book["rejected_by"] == {"nonfinite": 1, "shape": 1, "keys": 1, "norm": 1}
         assert book["aggregated"] is True
         assert book["train_loss"] == pytest.approx(np.mean([0.1 * p for p in good]))
-        # ε of the nodes that trained or declined (a declined node still reports what it spent)
-        assert book["epsilons"] == {NODE_ID_OFFSET + p: 0.5 * p for p in good} | {NODE_ID_OFFSET + DECLINES: 7.5}
+        # the bound is 3 x the median update norm of the structurally valid replies (6, 7, 8 and the boosted one)
+        norms = sorted(np.sqrt(3) * np.array([7.0, 8.0, 9.0, 600.0]))
+        assert book["update_norm_bound"] == pytest.approx(3 * (norms[1] + norms[2]) / 2)
+        # ε of every node that replied: a declined or rejected node still spent what it reports
+        assert book["epsilons"] == ({NODE_ID_OFFSET + p: 0.5 * p for p in (NAN, SHAPE, EXTRA, BOOSTED, *good)}
+                                    | {NODE_ID_OFFSET + DECLINES: 7.5})
         assert book["epsilon_max"] == 7.5
     # FedAvg's aggregated train metrics come from the good replies only
     metrics = out["result"].train_metrics_clientapp[2]
@@ -142,7 +150,7 @@ def test_a_client_that_does_not_reply_in_time_counts_as_failed():
 
 @pytest.mark.parametrize("min_train_nodes, aggregated", [(3, True), (4, False)])
 def test_too_few_usable_replies_skip_aggregation(min_train_nodes, aggregated):
-    n = 8  # 3 good replies per round
+    n = 8  # 3 good replies per round (5, 6, 7: with no norm bound the boosted reply is one of them)
     strategy = guarded(min_train_nodes=min_train_nodes)
     out = run(strategy, InProcessGrid(make_client_app(), n, {}), num_rounds=2)
 
@@ -150,7 +158,7 @@ def test_too_few_usable_replies_skip_aggregation(min_train_nodes, aggregated):
     assert strategy.rounds[2]["trained"] == 3
     sent_in_round_2 = strategy.reference["w"].numpy()  # the global arrays round 2 started from
     if aggregated:
-        np.testing.assert_allclose(sent_in_round_2, np.full(3, fedavg_step([5, 6, 7])))
+        np.testing.assert_allclose(sent_in_round_2, np.full(3, (6 * 600 + 7 * 7 + 8 * 8) / (6 + 7 + 8)))
     else:
         np.testing.assert_array_equal(sent_in_round_2, INITIAL)  # unchanged
         assert len(out["result"].arrays) == 0  # never replaced by an aggregate
@@ -184,6 +192,7 @@ def test_dtype_mismatch_and_missing_metrics_are_rejected():
     strategy = guarded()
     out = run(strategy, InProcessGrid(app, 3, {}), num_rounds=1)
     assert (strategy.rounds[1]["rejected"], strategy.rounds[1]["trained"]) == (2, 1)
+    assert strategy.rounds[1]["rejected_by"] == {"dtype": 1, "metrics": 1}
     np.testing.assert_allclose(out["result"].arrays["w"].numpy(), INITIAL + 1)
 
 
@@ -227,10 +236,12 @@ def test_resumed_strategy_samples_the_rounds_it_replays():
 def test_make_strategy_follows_the_config():
     from flwr.serverapp.strategy import FedAdam
 
-    from common.config import Config
-
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
+    from common.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match="aggregation = krum needs"):
+        Config.from_run_config({"aggregation": "krum", "central-dp": True})
     cfg = Config.from_run_config({"fraction-train": 0.3, "min-train-nodes": 3})
     strategy = make_strategy(cfg, 20)
     assert type(strategy) is FedAvg
@@ -242,3 +253,34 @@ def test_make_strategy_follows_the_config():
     assert isinstance(central, DifferentialPrivacyClientSideFixedClipping)
     assert (central.clipping_norm, central.noise_multiplier, central.num_sampled_clients) == (0.5, 1.2, 6)
     assert central.strategy.weighted_by_key == "unit-weight"  # a uniform average: what the noise is calibrated to
+
+
+def test_a_fixed_norm_bound_overrides_the_median_rule():
+    strategy = guarded(max_update_norm=np.sqrt(3) * 2.5, update_norm_factor=3.0)  # keeps updates of 1 and 2
+    out = run(strategy, InProcessGrid(make_client_app(bad=()), 4, {}), num_rounds=1)
+    np.testing.assert_allclose(out["result"].arrays["w"].numpy(), np.full(3, fedavg_step([0, 1])))
+    assert strategy.rounds[1]["rejected_by"] == {"norm": 2}
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean", "krum", "multi-krum", "bulyan"])
+def test_every_robust_aggregation_runs_and_resists_one_outlier(aggregation):
+    """Flower's robust strategy from the run config, behind the guard; no norm bound, so only the
+    aggregation stands between the model and partition 0's update of +1000."""
+    from common.config import Config
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = cast(int, context.node_config["partition-id"])
+        w = msg.content["arrays"]["w"].numpy()
+        shift = 1000.0 if pid == 0 else 1.0 + 0.01 * pid
+        metrics = MetricRecord({"num-examples": 1, "train-loss": 0.0, "epsilon": 0.0})
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w + shift)}), "metrics": metrics}), reply_to=msg)
+
+    cfg = Config.from_run_config({"aggregation": aggregation, "byzantine-fraction": 0.1, "fraction-train": 1.0,
+                                  "fraction-evaluate": 0.0, "min-train-nodes": 1})
+    strategy = GuardedStrategy(make_strategy(cfg, 10), seed=0, min_train_nodes=1)
+    out = run(strategy, InProcessGrid(app, 10, {}), num_rounds=1)
+    w = out["result"].arrays["w"].numpy()
+    assert np.all((w > 1.0) & (w < 1.1)), w  # FedAvg would give about 101
