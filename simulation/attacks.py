@@ -46,13 +46,14 @@ def with_attackers(client_app: ClientApp, cfg: Config, num_clients: int) -> Clie
     malicious = malicious_partitions(cfg, num_clients)
     if not malicious:
         return client_app
+    target = item_index(federation(cfg).data, cfg.target_item) if cfg.attack == "target" else 0
 
     def call(message: Message, context: Context) -> Message:
         partition = int(context.node_config["partition-id"])
         if partition not in malicious or message.metadata.message_type != MessageType.TRAIN:
             return client_app(message=message, context=context)
         start = {k: message.content["arrays"][k].numpy() for k in message.content["arrays"].keys()}
-        reply = _fake_training(cfg, message, partition) if cfg.attack == "target" else client_app(message=message, context=context)
+        reply = _fake_training(cfg, message, partition, target) if cfg.attack == "target" else client_app(message=message, context=context)
         if reply.has_error() or "arrays" not in reply.content:
             return reply
         update = {k: reply.content["arrays"][k].numpy() - start[k] for k in start}
@@ -77,10 +78,9 @@ def _poison(cfg: Config, update: dict[str, np.ndarray], rng: np.random.Generator
     return {k: z * (scale * size / max(length, 1e-12)) for k, z in noise.items()}
 
 
-def _fake_training(cfg: Config, message: Message, partition: int) -> Message:
-    """Train, without DP, on the client's windows with every second item replaced by the target."""
+def _fake_training(cfg: Config, message: Message, partition: int, target: int) -> Message:
+    """Train, without DP, on the client's windows with every second item replaced by `target` (a model id)."""
     data = client_data(cfg, partition)
-    target = item_index(federation(cfg).data, cfg.target_item)
     windows = data.windows.copy()
     windows[:, 1::2] = np.where(windows[:, 1::2] > 0, target, 0)
     model = build_model(cfg, data.num_items)
