@@ -1,11 +1,14 @@
 import numpy as np
 import pytest
 import torch
+from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant
+from opacus.optimizers import DPOptimizer
 
-from client.training import noise_multiplier_for, train
+import client.training
+from client.training import noise_multiplier_for, private_gradients, train
 from common.config import Config
-from common.model import AttentionLSTM
+from common.model import AttentionLSTM, window_loss
 
 N = 40
 
@@ -75,3 +78,48 @@ def test_early_stop_callback(cfg):
     result = train(_model(), _windows(), cfg, epochs=10,
                    on_epoch_end=lambda epoch, loss, eps: seen.append(epoch) or epoch == 2)
     assert seen == [1, 2] and result.epochs == 2
+
+
+def _opacus_gradients(model, batch, max_grad_norm, noise_multiplier, expected_batch, generator):
+    """The reference: Opacus's hooks for per-sample gradients, its DPOptimizer to clip, noise, scale."""
+    model.private = True
+    net = GradSampleModule(model, loss_reduction="mean")
+    optimizer = DPOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), noise_multiplier=noise_multiplier,
+                            max_grad_norm=max_grad_norm, expected_batch_size=expected_batch, generator=generator)
+    window_loss(net, batch).backward()
+    optimizer.pre_step()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    net.to_standard_module()
+    model.private = False
+    return grads
+
+
+@pytest.mark.parametrize("windows,chunk", [(7, 3), (7, 32), (1, 32)])  # vmap in chunks, vmap, plain autograd
+@pytest.mark.parametrize("noise_multiplier", [0.0, 1.3])
+def test_private_gradients_equal_opacus(monkeypatch, windows, chunk, noise_multiplier):
+    """Clipped, summed, noised (same seeded noise) and scaled exactly as Opacus does it."""
+    monkeypatch.setattr(client.training, "PER_SAMPLE_CHUNK", chunk)
+    batch = torch.from_numpy(_windows()[1:1 + windows])  # windows 4 (padded) and 1..3, 5..7
+    clip = 0.05  # below every window's gradient norm here: clipping is active
+    ours, theirs = _model(), _model()
+    theirs.load_state_dict(ours.state_dict())
+    reference = _opacus_gradients(theirs, batch, clip, noise_multiplier, 5, torch.Generator().manual_seed(7))
+    loss = private_gradients(ours, batch, clip, noise_multiplier, 5, torch.Generator().manual_seed(7))
+    assert loss.item() == pytest.approx(window_loss(_model(), batch).item(), rel=1e-5)
+    assert ours.head.weight is ours.item_embedding.weight  # still tied
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p.grad, reference[name], rtol=1e-4, atol=1e-6), name
+    # it is clipping: unclipped, the same sum would be larger than `windows` x clip
+    plain = _model()
+    window_loss(plain, batch).backward()
+    unclipped = torch.cat([p.grad.flatten() for p in plain.parameters()]).norm() * len(batch)
+    assert unclipped > len(batch) * clip
+
+
+def test_private_gradients_of_an_empty_batch_are_noise_only():
+    """Poisson sampling can draw no window: the step is noise alone, as in Opacus."""
+    model = _model()
+    empty = torch.from_numpy(_windows()[:0])
+    private_gradients(model, empty, 1.0, 2.0, 4, torch.Generator().manual_seed(1))
+    expected = torch.normal(0.0, 2.0, size=model.item_embedding.weight.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(model.item_embedding.weight.grad, expected / 4)
