@@ -9,6 +9,8 @@ targets, so the server can aggregate metrics it never sees the data of.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 from pathlib import Path
 
@@ -108,9 +110,16 @@ def _data(cfg: Config, msg: Message, context: Context) -> ClientData:
 
 
 def _global_model(msg: Message, cfg: Config, data: ClientData) -> torch.nn.Module:
-    model = build_model(cfg, data.num_items)
+    model = copy.deepcopy(_blank_model(cfg, data.num_items))  # copying keeps the tied weights tied
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
+
+
+@functools.lru_cache(maxsize=1)
+def _blank_model(cfg: Config, num_items: int) -> torch.nn.Module:
+    """Built once per process: a random initialisation costs more than a client's DP step on a
+    large catalogue, and the global weights overwrite it anyway."""
+    return build_model(cfg, num_items)
 
 
 def _declined(msg: Message, spent: float, after: float, target: float) -> Message:

@@ -71,6 +71,7 @@ class SecureGrid(Grid):
         self._grid = grid
         self._cfg = cfg
         self._weight = weight
+        self._in_workflow = False
 
     def __getattr__(self, name: str) -> Any:  # the in-process grid's snapshot/restore for checkpoints
         return getattr(self._grid, name)
@@ -97,8 +98,9 @@ class SecureGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
-            return self._grid.send_and_receive(messages, timeout=timeout)
+        if self._in_workflow or not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            # A list: Flower's legacy workflow reads a stage's replies more than once.
+            return list(self._grid.send_and_receive(messages, timeout=timeout))
         if len(messages) > MAX_CLIENTS:
             raise ConfigError(f"SecAgg+ sums at most {MAX_CLIENTS} clients per round, the round sampled "
                               f"{len(messages)}: lower fraction-train")
@@ -112,7 +114,11 @@ class SecureGrid(Grid):
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.CURRENT_ROUND: int(messages[0].content["config"]["server-round"])})
         context.state.array_records[MAIN_PARAMS_RECORD] = messages[0].content["arrays"]
-        workflow(self._grid, context)
+        self._in_workflow = True  # the workflow's own train messages (its four stages) go straight through
+        try:
+            workflow(self, context)
+        finally:
+            self._in_workflow = False
         return relay.replies
 
 

@@ -12,6 +12,13 @@ strategies: coordinate-wise median, trimmed mean, Krum, Multi-Krum, Bulyan. The 
   round's norm bound (`max-update-norm`, or `update-norm-factor` times the round's median norm),
 - skips aggregation when fewer than `min-train-nodes` usable replies came back,
 - keeps per-round bookkeeping (counts, mean train loss, clients' ε, norms) for metrics.jsonl.
+
+Flower's strategies aggregate a list of every reply of the round: memory grows with the clients
+(22,000 Beauty clients would hold about 70 GB of weights). When the aggregation is plain FedAvg
+and the norm bound is known before the replies (`max-update-norm`, or no bound), the guard
+instead folds each reply into a running weighted sum as the grid hands it over, so memory stays
+flat however many clients a round samples. The median-derived bound needs every update of the
+round before it can judge any, so it keeps the list.
 """
 
 from __future__ import annotations
@@ -88,10 +95,13 @@ class GuardedStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         book = self.rounds.setdefault(server_round, {"sampled": 0})
-        replies = list(replies)
-        failed = max(book["sampled"] - len(replies), 0)  # no reply within the round's timeout
-        declined, rejected, valid, epsilons = 0, dict.fromkeys(REJECTIONS, 0), [], {}
+        streaming = self.streams()
+        bound = self._norm_bound([]) if streaming else None
+        total = _WeightedSum(self.inner.weighted_by_key) if streaming else None
+        replied, failed, declined, rejected, valid, epsilons = 0, 0, 0, dict.fromkeys(REJECTIONS, 0), [], {}
+        norms, losses = [], []
         for reply in replies:
+            replied += 1
             kind = self._triage(reply)
             if kind == "failed":
                 failed += 1
@@ -104,26 +114,38 @@ class GuardedStrategy(Strategy):
             elif kind in rejected:
                 rejected[kind] += 1
             else:
-                valid.append(reply)
-        norms = [_update_norm(r.content["arrays"], self.reference) for r in valid]
-        bound = self._norm_bound(norms)
-        usable = [r for r, n in zip(valid, norms, strict=True) if n <= bound]
-        rejected["norm"] = len(valid) - len(usable)
-        losses = [float(r.content["metrics"]["train-loss"]) for r in usable]
+                norms.append(_update_norm(reply.content["arrays"], self.reference))
+                if total is None:
+                    valid.append(reply)
+                elif norms[-1] <= bound:
+                    total.add(reply.content)
+                    losses.append(float(metrics["train-loss"]))
+                else:
+                    rejected["norm"] += 1
+        failed += max(book["sampled"] - replied, 0)  # no reply within the round's timeout
+        if total is None:
+            bound = self._norm_bound(norms)
+            usable = [r for r, n in zip(valid, norms, strict=True) if n <= bound]
+            rejected["norm"] = len(valid) - len(usable)
+            losses = [float(r.content["metrics"]["train-loss"]) for r in usable]
         book.update(failed=failed, declined=declined, rejected=sum(rejected.values()),
                     rejected_by={k: v for k, v in rejected.items() if v},
-                    trained=len(usable), replied=len(usable) + declined + sum(rejected.values()),
+                    trained=len(losses), replied=len(losses) + declined + sum(rejected.values()),
                     train_loss=statistics.fmean(losses) if losses else None,
                     update_norm_median=statistics.median(norms) if norms else None,
                     update_norm_bound=bound if bound < float("inf") else None,
                     epsilons=epsilons, epsilon_max=max(epsilons.values(), default=None),
                     epsilon_median=statistics.median(epsilons.values()) if epsilons else None)
-        if len(usable) < self.min_train_nodes:
+        if len(losses) < self.min_train_nodes:
             book["aggregated"] = False
             return None, None
         book["aggregated"] = True
-        arrays, metrics = self.inner.aggregate_train(server_round, usable)
+        arrays, metrics = total.result() if total is not None else self.inner.aggregate_train(server_round, usable)
         return _cast_like(arrays, self.reference), metrics
+
+    def streams(self) -> bool:
+        """Whether replies are aggregated as they arrive (plain FedAvg, bound known beforehand)."""
+        return type(self.inner) is FedAvg and bool(self.max_update_norm > 0 or self.update_norm_factor <= 0)
 
     def _norm_bound(self, norms: list[float]) -> float:
         """`max-update-norm` if set, else `update-norm-factor` times the round's median (0: no bound)."""
@@ -159,6 +181,31 @@ class GuardedStrategy(Strategy):
         if "metrics" not in content or not all(k in content["metrics"] for k in ("num-examples", "train-loss", "epsilon")):
             return "metrics"
         return "valid"
+
+
+class _WeightedSum:
+    """FedAvg's weighted mean of the replies' arrays and metrics, one reply at a time (in float64)."""
+
+    def __init__(self, weight_key: str) -> None:
+        self.weight_key = weight_key
+        self.weight = 0.0
+        self.arrays: dict[str, np.ndarray] = {}
+        self.metrics: dict[str, float] = {}
+
+    def add(self, content: Any) -> None:
+        metrics = content["metrics"]
+        weight = float(metrics[self.weight_key])
+        self.weight += weight
+        for key, array in content["arrays"].items():
+            self.arrays.setdefault(key, np.zeros(array.shape))
+            self.arrays[key] += array.numpy() * weight
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.metrics[key] = self.metrics.get(key, 0.0) + float(value) * weight
+
+    def result(self) -> tuple[ArrayRecord, MetricRecord]:
+        arrays = ArrayRecord({k: Array(v / self.weight) for k, v in self.arrays.items()})  # cast by the caller
+        return arrays, MetricRecord({k: v / self.weight for k, v in self.metrics.items()})
 
 
 def _cast_like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:

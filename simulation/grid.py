@@ -270,11 +270,19 @@ class InProcessGrid(Grid):
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Deliver ``messages`` and return the replies; see the module doc for ``timeout``."""
+    ) -> Iterator[Message]:
+        """Deliver ``messages`` and yield the replies; see the module doc for ``timeout``.
+
+        Lazily: each ClientApp call happens when the strategy asks for its reply, so a strategy
+        that aggregates as replies arrive holds one client's weights at a time, not a round's.
+        """
         message_ids = list(self.push_messages(messages))
-        self._deliver(message_ids, timeout=timeout)
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+        return self._replies_to(message_ids, timeout)
+
+    def _replies_to(self, message_ids: list[str], timeout: float | None) -> Iterator[Message]:
+        for batch in _batches(message_ids, self._max_workers):
+            self._deliver(batch, timeout=timeout)
+            yield from (self._replies.pop(i) for i in batch if i in self._replies)
 
     # Delivery.
 
@@ -330,6 +338,12 @@ class InProcessGrid(Grid):
         self._states[node_id] = context.state
         _set_message_id(reply, str(uuid4()))
         return reply, seconds
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    """`size` at a time: one message per worker thread, then their replies go out."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 def _reply_problem(message: Message, reply: object) -> str:

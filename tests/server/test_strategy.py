@@ -100,10 +100,15 @@ def fedavg_step(good: list[int]) -> float:
     return float((weights**2).sum() / weights.sum())
 
 
-def test_only_good_replies_are_averaged_and_each_bad_kind_is_counted():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_only_good_replies_are_averaged_and_each_bad_kind_is_counted(streaming):
+    """The same result whether the guard keeps the round's replies (median-derived bound) or
+    folds them into a running sum as they arrive (the same bound, given beforehand)."""
     n = 9
     good = [p for p in range(n) if p not in BAD]  # 6, 7, 8
-    strategy = guarded(update_norm_factor=3.0)
+    norms = sorted(np.sqrt(3) * np.array([7.0, 8.0, 9.0, 600.0]))
+    strategy = guarded(max_update_norm=3 * (norms[1] + norms[2]) / 2) if streaming else guarded(update_norm_factor=3.0)
+    assert strategy.streams() is streaming
     out = run(strategy, InProcessGrid(make_client_app(), n, {}), num_rounds=2)
 
     final = out["result"].arrays["w"].numpy()
@@ -119,7 +124,6 @@ def test_only_good_replies_are_averaged_and_each_bad_kind_is_counted():
         assert book["aggregated"] is True
         assert book["train_loss"] == pytest.approx(np.mean([0.1 * p for p in good]))
         # the bound is 3 x the median update norm of the structurally valid replies (6, 7, 8 and the boosted one)
-        norms = sorted(np.sqrt(3) * np.array([7.0, 8.0, 9.0, 600.0]))
         assert book["update_norm_bound"] == pytest.approx(3 * (norms[1] + norms[2]) / 2)
         # ε of every node that replied: a declined or rejected node still spent what it reports
         assert book["epsilons"] == ({NODE_ID_OFFSET + p: 0.5 * p for p in (NAN, SHAPE, EXTRA, BOOSTED, *good)}

@@ -257,3 +257,22 @@ def test_reply_that_answers_nothing_becomes_error_reply() -> None:
     run_server_app(app, InProcessGrid(echo, 1, RUN_CONFIG))
     assert len(replies) == 1 and replies[0].has_error()
     assert "reply_to" in (replies[0].error.reason or "")
+
+
+def test_replies_are_computed_as_they_are_taken():
+    """send_and_receive is lazy: a strategy that aggregates as it goes holds one reply at a time."""
+    calls: list[int] = []
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        calls.append(context.node_id)
+        return Message(RecordDict(), reply_to=msg)
+
+    grid = InProcessGrid(app, 3, {})
+    with grid_module._server_task_identity(grid.run.run_id):
+        replies = grid.send_and_receive([Message(RecordDict(), NODE_ID_OFFSET + i, "train") for i in range(3)])
+        assert calls == []
+        first = next(iter(replies))
+        assert calls == [NODE_ID_OFFSET] and first.metadata.src_node_id == NODE_ID_OFFSET
+        assert len(list(replies)) == 2 and calls == [NODE_ID_OFFSET + i for i in range(3)]
