@@ -49,10 +49,11 @@ SETTINGS: dict[str, dict[str, str]] = {
 FLAGS = {"num-server-rounds": "rounds"}
 
 
-def run_setting(name: str, settings: dict[str, str], data_dir: Path, workdir: Path) -> dict[str, Any]:
+def run_setting(name: str, settings: dict[str, str], data_dir: Path, workdir: Path,
+                common: dict[str, str] = COMMON) -> dict[str, Any]:
     """`fedrec simulate` in a child process; returns its summary, rounds and peak RSS."""
     out = workdir / name.replace(" ", "_").replace(",", "").replace("=", "")
-    options = {**COMMON, "data-dir": str(data_dir), **settings}
+    options = {**common, "data-dir": str(data_dir), **settings}
     argv = [sys.executable, "-m", "fedrec", "simulate", "--out", str(out), "--quiet"]
     for key, value in options.items():
         flag = FLAGS.get(key, key)

@@ -133,7 +133,7 @@ def private_gradients(
         norms = torch.stack([g.flatten(1).norm(2, dim=1) for g in grads.values()], dim=1).norm(2, dim=1)
         factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for name, g in grads.items():
-                summed[name] += torch.einsum("i,i...", factors, g)
+            summed[name] += torch.einsum("i,i...", factors, g)
         losses.append(chunk_losses)
     std = noise_multiplier * max_grad_norm
     for name, p in model.named_parameters():
