@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from benchmarks.report import require_shared, write_section
+from benchmarks.report import ROOT, require_shared, write_section
 from client.training import private_gradients
 from common.config import Config, defaults
 from common.dataset import load_dataset, training_windows
@@ -136,10 +138,11 @@ def main() -> None:
         rounds = [round_against_epoch(name, Path(tmp)) for name in names if name != "beauty"]
         if args.smoke or args.profile:  # a look, not the benchmark: nothing written
             return
-        if args.engine_rounds:  # (3) has its own section, shared with benchmarks.federated_ml100k
-            from benchmarks.federated_ml100k import engines_side_by_side
-
-            write_section("engines-ml100k", engines_side_by_side(args.engine_rounds, require_shared("ml-100k"), Path(tmp)))
+        if args.engine_rounds:
+            # (3) has its own section. A fresh parent process: a child's peak RSS counts what it
+            # inherited at fork, and this one holds Beauty's data by now.
+            subprocess.run([sys.executable, "-m", "benchmarks.federated_ml100k", "--only", "--engines",
+                            str(args.engine_rounds)], cwd=ROOT, check=True)
     write_section("speed", "\n".join([
         "## Speed: DP against plain training, federated against centralized, in-process against Ray", "",
         "(1) One optimizer step on the same windows (median of "
@@ -151,11 +154,11 @@ def main() -> None:
         "(2) One federated round with every user as a client (one local DP epoch each, no norm bound, no "
         "federated evaluation) against one centralized DP epoch (batch 256) over the same windows; the "
         f"server's evaluation is left out of both. Goal: ≤ {GOALS['round']}×. Amazon Beauty's row is in the "
-        "scale section below.", "",
+        "scale section.", "",
         "| data | size | centralized epoch s | federated round s | round / epoch |", "|---|---|---|---|---|",
         *rounds, "",
         "(3) In-process against Ray: the section \"In-process engine against Flower's Ray engine\", which this "
-        "command rewrites in the same run.",
+        "command reruns (as `python -m benchmarks.federated_ml100k --only --engines 2`) in the same run.",
     ]))
 
 

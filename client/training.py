@@ -109,6 +109,7 @@ def _train(model, windows, cfg, epochs, noise_multiplier, history, seed, on_epoc
 
 
 PER_SAMPLE_CHUNK = 32  # windows whose per-sample gradients are held at once
+ONE_BY_ONE = 8  # up to this many windows, per-window gradients come from plain autograd, one by one
 
 
 def private_gradients(
@@ -147,14 +148,16 @@ def _per_window_gradients(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Each window's loss gradient (W, *shape) per parameter, and each window's loss (W,).
 
-    One window's gradient is an ordinary gradient: plain autograd through the fused LSTM kernel
-    is then the fastest, and a cross-device client mostly holds one window. Several windows go
-    through `vmap`, with DPLSTM's step-by-step forward (plain tensor ops that vmap batches).
+    One window's gradient is an ordinary gradient, and plain autograd through the fused LSTM
+    kernel is the fastest way to it: a few windows (a cross-device client's batch) go one by one.
+    More go through `vmap`, with DPLSTM's step-by-step forward (plain tensor ops that vmap
+    batches), whose fixed cost pays off from about `ONE_BY_ONE` windows (benchmarks/speed.py).
     """
-    if len(windows) == 1:
-        loss = window_loss(model, windows)
-        grads = torch.autograd.grad(loss, list(params.values()))
-        return {name: g.unsqueeze(0) for name, g in zip(params, grads, strict=True)}, loss.detach().unsqueeze(0)
+    if len(windows) <= ONE_BY_ONE:
+        losses = [window_loss(model, window.unsqueeze(0)) for window in windows]
+        grads = [torch.autograd.grad(loss, list(params.values())) for loss in losses]
+        return ({name: torch.stack([g[i] for g in grads]) for i, name in enumerate(params)},
+                torch.stack(losses).detach())
 
     def loss_of(weights: dict[str, torch.Tensor], window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss = window_loss(lambda items: functional_call(model, weights, (items,)), window.unsqueeze(0))

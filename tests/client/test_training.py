@@ -94,11 +94,13 @@ def _opacus_gradients(model, batch, max_grad_norm, noise_multiplier, expected_ba
     return grads
 
 
-@pytest.mark.parametrize("windows,chunk", [(7, 3), (7, 32), (1, 32)])  # vmap in chunks, vmap, plain autograd
+# vmap in chunks (the last of one window), vmap, plain autograd window by window, one window
+@pytest.mark.parametrize("windows,chunk,one_by_one", [(7, 3, 1), (7, 32, 1), (7, 32, 8), (1, 32, 8)])
 @pytest.mark.parametrize("noise_multiplier", [0.0, 1.3])
-def test_private_gradients_equal_opacus(monkeypatch, windows, chunk, noise_multiplier):
+def test_private_gradients_equal_opacus(monkeypatch, windows, chunk, one_by_one, noise_multiplier):
     """Clipped, summed, noised (same seeded noise) and scaled exactly as Opacus does it."""
     monkeypatch.setattr(client.training, "PER_SAMPLE_CHUNK", chunk)
+    monkeypatch.setattr(client.training, "ONE_BY_ONE", one_by_one)
     batch = torch.from_numpy(_windows()[1:1 + windows])  # windows 4 (padded) and 1..3, 5..7
     clip = 0.05  # below every window's gradient norm here: clipping is active
     ours, theirs = _model(), _model()
