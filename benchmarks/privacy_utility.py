@@ -7,6 +7,7 @@ so each data set or ε can run alone; the table in BENCHMARKS.md and the plots u
 `benchmarks/figures/` are redrawn from everything stored.
 
     python -m benchmarks.privacy_utility [--datasets ml-100k ml-latest-small beauty] [--epsilons 8 inf] [--rounds R]
+                                         [--central-epochs E]
     python -m benchmarks.privacy_utility --plot-only
 """
 
@@ -33,13 +34,15 @@ DATASETS = {"ml-100k": {"dataset": "ml-100k", "data-dir": "ml-100k"},
             "beauty": {"dataset": "seq", "data-dir": "seqrec/s3rec/Beauty.txt"}}
 
 
-def run_dataset(name: str, epsilons: list[float], rounds: int | None, workdir: Path) -> dict[str, Any]:
+def run_dataset(name: str, epsilons: list[float], rounds: int | None, central_epochs: int | None,
+                workdir: Path) -> dict[str, Any]:
     """The federated runs of one data set, and its centralized and popularity references."""
     data = {**DATASETS[name], "data-dir": str(require_shared(DATASETS[name]["data-dir"]))}
     common = {**COMMON, **data}
-    central_cfg = Config.from_run_config({**common, **CENTRAL_RECIPES["non-private"]})
+    central_cfg = Config.from_run_config({**common, **CENTRAL_RECIPES["non-private"],
+                                          **({"epochs": central_epochs} if central_epochs else {})})
     central = train_centralized(central_cfg, workdir / f"{name}-central")
-    entry: dict[str, Any] = {"centralized_ndcg@10": central["test"]["ndcg@10"],
+    entry: dict[str, Any] = {"centralized_ndcg@10": central["test"]["ndcg@10"], "centralized_epochs": central["epochs"],
                              "popularity_ndcg@10": central["popularity_test"]["ndcg@10"],
                              "users": central["users"], "items": central["items"], "runs": {}}
     for epsilon in epsilons:
@@ -121,13 +124,14 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--epsilons", type=float, nargs="*", default=EPSILONS)
     parser.add_argument("--rounds", type=int, default=None, help="rounds for every run (default: the recipes')")
+    parser.add_argument("--central-epochs", type=int, default=None, help="most centralized epochs (default: the recipe's 60)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the table and plots from stored results")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if not args.plot_only:
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.datasets:
-                entry = run_dataset(name, args.epsilons, args.rounds, Path(tmp))
+                entry = run_dataset(name, args.epsilons, args.rounds, args.central_epochs, Path(tmp))
                 previous = results.get(name, {}).get("runs", {})
                 results[name] = {**entry, "runs": {**previous, **entry["runs"]}}
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
