@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from client.training import dp_unit, noise_multiplier_for, train
 from common import artifacts
 from common.config import Config
@@ -28,6 +30,7 @@ def train_centralized(
     windows = training_windows(data.sequences, cfg.max_len)
     valid = eval_examples(data.sequences, "valid", cfg.max_len)
     test = eval_examples(data.sequences, "test", cfg.max_len)
+    torch.manual_seed(cfg.seed)  # the initial weights too: PyTorch seeds each process at random
     model = build_model(cfg, data.num_items)
     sigma = noise_multiplier_for(cfg, len(windows), cfg.epochs) if cfg.dp else None
 
