@@ -10,7 +10,6 @@ targets, so the server can aggregate metrics it never sees the data of.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 from pathlib import Path
 
@@ -20,12 +19,15 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from client.secagg import secure_aggregation_mod
-from client.training import batches_per_epoch, noise_multiplier_for, train
+from client import cohort
+from client.training import ClientJob, batches_per_epoch, noise_multiplier_for
 from common.config import Config
 from common.federation import ClientData, client_data, local_client_data
+from common.memo import cached
 from common.metrics import LIST_METRICS, evaluate_model
 from common.model import build_model
-from common.privacy import UNIT_WEIGHT, Ledger
+from common.privacy import Ledger
+from common.replies import ARRAYS, METRICS, NUM_EXAMPLES, UNIT_WEIGHT, TrainMetrics, declined_reply, train_reply
 
 app = ClientApp()
 
@@ -38,7 +40,6 @@ def train_round(msg: Message, context: Context) -> Message:
     cfg = Config.from_run_config(context.run_config)
     server_round = int(msg.content["config"]["server-round"])
     data = _data(cfg, msg, context)
-    model = _global_model(msg, cfg, data)
     ledger = load_ledger(context)
     sigma = None
     if cfg.dp:
@@ -46,17 +47,19 @@ def train_round(msg: Message, context: Context) -> Message:
         batches = batches_per_epoch(len(data.windows), cfg.batch_size)
         after = ledger.planned(sigma, 1 / batches, cfg.local_epochs * batches).epsilon(cfg.delta)
         if after > cfg.target_epsilon * (1 + 1e-9):
-            return _declined(msg, ledger.epsilon(cfg.delta), after, cfg.target_epsilon)
+            spent = ledger.epsilon(cfg.delta)
+            return declined_reply(msg, spent, f"privacy budget: ε would reach {after:.3f} > target "
+                                              f"{cfg.target_epsilon:g} (spent {spent:.3f})")
 
     def local_training(msg: Message, context: Context) -> Message:
-        result = train(model, data.windows, cfg, epochs=cfg.local_epochs, noise_multiplier=sigma,
-                       history=ledger.history, seed=_seed(cfg.seed, server_round, _client_key(context)))
+        job = ClientJob(data.windows, _seed(cfg.seed, server_round, _client_key(context)), sigma, ledger.history)
+        result = cohort.train(msg.content[ARRAYS], job, cfg, epochs=cfg.local_epochs,
+                              model_of=lambda arrays: _global_model(arrays, cfg, data.num_items))
         if cfg.dp:
             save_ledger(context, ledger.extended(result.history))
-        metrics = {"num-examples": len(data.windows), "train-loss": result.loss, "declined": 0,
-                   "epsilon": result.epsilon if cfg.dp else 0.0, UNIT_WEIGHT: 1}
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
-        return Message(content=content, reply_to=msg)
+        metrics = TrainMetrics(num_examples=len(data.windows), train_loss=result.loss,
+                               epsilon=result.epsilon if cfg.dp else 0.0)
+        return train_reply(msg, ArrayRecord(_state(result.weights, cfg, data.num_items)), metrics)
 
     # Central DP: Flower's mod clips the whole update on the device, before it is sent.
     return fixedclipping_mod(msg, context, local_training) if cfg.central_dp else local_training(msg, context)
@@ -66,11 +69,11 @@ def train_round(msg: Message, context: Context) -> Message:
 def evaluate_round(msg: Message, context: Context) -> Message:
     cfg = Config.from_run_config(context.run_config)
     data = _data(cfg, msg, context)
-    metrics = evaluate_model(_global_model(msg, cfg, data), *data.valid, data.num_items,
+    metrics = evaluate_model(_global_model(msg.content[ARRAYS], cfg, data.num_items), *data.valid, data.num_items,
                              ks=(10,), mask_history=cfg.mask_history)
     users = metrics.pop("users")
     metrics = {k: v for k, v in metrics.items() if not k.startswith(LIST_METRICS)}  # not averageable
-    return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "num-examples": int(users), UNIT_WEIGHT: 1})}),
+    return Message(content=RecordDict({METRICS: MetricRecord({**metrics, NUM_EXAMPLES: int(users), UNIT_WEIGHT: 1})}),
                    reply_to=msg)
 
 
@@ -109,25 +112,30 @@ def _data(cfg: Config, msg: Message, context: Context) -> ClientData:
     return client_data(cfg, int(node["partition-id"]))
 
 
-def _global_model(msg: Message, cfg: Config, data: ClientData) -> torch.nn.Module:
-    model = copy.deepcopy(_blank_model(cfg, data.num_items))  # copying keeps the tied weights tied
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+def _global_model(arrays: ArrayRecord, cfg: Config, num_items: int) -> torch.nn.Module:
+    model = copy.deepcopy(_blank_model(cfg, num_items))  # copying keeps the tied weights tied
+    model.load_state_dict(arrays.to_torch_state_dict())
     return model
 
 
-@functools.lru_cache(maxsize=1)
+def _state(weights: dict[str, torch.Tensor], cfg: Config, num_items: int) -> dict[str, torch.Tensor]:
+    """Trained parameters (by parameter name) as the model's state dict (the message's layout)."""
+    return {key: weights[name] for key, name in _state_keys(cfg, num_items).items()}
+
+
+@cached(1)
+def _state_keys(cfg: Config, num_items: int) -> dict[str, str]:
+    """State-dict key -> parameter name: DPLSTM names its weights in its state dict as nn.LSTM does."""
+    model = _blank_model(cfg, num_items)
+    names = {p.data_ptr(): name for name, p in model.named_parameters()}
+    return {key: names[t.data_ptr()] for key, t in model.state_dict().items()}
+
+
+@cached(1)
 def _blank_model(cfg: Config, num_items: int) -> torch.nn.Module:
     """Built once per process: a random initialisation costs more than a client's DP step on a
     large catalogue, and the global weights overwrite it anyway."""
     return build_model(cfg, num_items)
-
-
-def _declined(msg: Message, spent: float, after: float, target: float) -> Message:
-    """A reply without weights: training would take this client past its budget."""
-    reason = f"privacy budget: ε would reach {after:.3f} > target {target:g} (spent {spent:.3f})"
-    metrics = MetricRecord({"num-examples": 0, "declined": 1, "epsilon": spent})
-    return Message(content=RecordDict({"metrics": metrics, "config": ConfigRecord({"reason": reason})}),
-                   reply_to=msg)
 
 
 def _client_key(context: Context) -> int:

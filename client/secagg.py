@@ -3,7 +3,8 @@
 `secaggplus_mod` speaks flwr 1.42's legacy layout (FitIns in, FitRes out); fedrec's `train`
 speaks the Message API. `secure_aggregation_mod` translates between the two around the training
 call, and lets every message that is not part of SecAgg+ through untouched, so one ClientApp
-serves runs with and without it. It is the one place on the client that touches the legacy API.
+serves runs with and without it. It is the one place on the client that uses the legacy API (its
+imports live in common/flower_compat.py).
 """
 
 from __future__ import annotations
@@ -11,19 +12,28 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Code, FitRes, Status
-from flwr.client.mod import secaggplus_mod
-from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from common.config import Config
-from common.privacy import SECAGG_ARRAY_NAMES, weight_key
+from common.flower_compat import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Code,
+    FitRes,
+    SecAggPlusKey,
+    Stage,
+    Status,
+    arrayrecord_to_parameters,
+    fitres_to_recorddict,
+    secaggplus_mod,
+)
+from common.privacy import SECAGG_ARRAY_NAMES
+from common.replies import ARRAYS, METRICS, TrainMetrics, decline_reason, weight_key
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
-    stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+    stage = msg.content.config_records[RECORD_KEY_CONFIGS][SecAggPlusKey.STAGE]
     weight = weight_key(Config.from_run_config(context.run_config).central_dp)
 
     def train(ins: Message, ctx: Context) -> Message:
@@ -49,7 +59,7 @@ def _as_train(msg: Message) -> Message:
     config = ConfigRecord(dict(msg.content.config_records["fitins.config"]))
     names = [str(n) for n in config.pop(SECAGG_ARRAY_NAMES)]
     arrays = msg.content.array_records["fitins.parameters"]
-    msg.content = RecordDict({"arrays": ArrayRecord(dict(zip(names, arrays.values(), strict=True))),
+    msg.content = RecordDict({ARRAYS: ArrayRecord(dict(zip(names, arrays.values(), strict=True))),
                               "config": config})
     return msg
 
@@ -58,10 +68,10 @@ def _as_fit_res(reply: Message, weight: str, clipping_range: float) -> Message:
     """fedrec's reply -> legacy FitRes content, weighted as the server's average weighs it."""
     if reply.has_error():
         return reply
-    metrics = reply.content["metrics"]
-    if int(metrics.get("declined", 0)):
-        raise RuntimeError(str(reply.content["config"]["reason"]))  # no update: this client drops out of the round
-    arrays = reply.content["arrays"]
+    if TrainMetrics.declines(reply):
+        raise RuntimeError(decline_reason(reply))  # no update: this client drops out of the round
+    metrics = reply.content[METRICS]
+    arrays = reply.content[ARRAYS]
     largest = max(float(np.abs(a.numpy()).max(initial=0.0)) for a in arrays.values())
     if not largest <= clipping_range:  # SecAgg+ would clip it silently and corrupt the sum
         raise ValueError(f"a weight of magnitude {largest:.3g} is outside SecAgg+'s range ±{clipping_range:g}")

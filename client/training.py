@@ -1,37 +1,36 @@
-"""Local training of the attention-LSTM, with or without DP-SGD (Opacus).
+"""Local training of the attention-LSTM, with or without DP-SGD: one implementation for a
+deployed client, a cohort of simulated clients trained at once, and the centralized baseline.
 
-One function serves a federated client's round and the centralized baseline: both train a model
-on a set of training windows for some epochs. Under DP the privacy unit is one window (see
-`common.dataset.training_windows`): Poisson sampling picks windows, Opacus clips each window's
-gradient to `max_grad_norm` and adds Gaussian noise of std `noise_multiplier * max_grad_norm`.
+Under DP the privacy unit is one window (see `common.dataset.training_windows`): Poisson
+sampling picks windows, each window's gradient is clipped to `max_grad_norm`, and Gaussian
+noise of std `noise_multiplier * max_grad_norm` is added to the sum, as Opacus's `DPOptimizer`
+does (`tests/client/test_training.py` checks it against Opacus's hooks and optimizer).
 
-Per-window gradients come from `torch.func` (`vmap` of `grad` over the windows of a batch), not
-from Opacus's module hooks: the same exact per-sample gradients (tied embedding and output
-layer included; `tests/client/test_training.py` checks them, clipped and noised, against
-Opacus's `DPOptimizer`) at half the cost of a step for the small batches of a cross-device
-client, and in chunks, so a batch never holds more than `PER_SAMPLE_CHUNK` per-window copies of
-the model. Opacus still does what it is the reference for: Poisson sampling
-(`DPDataLoader`) and the accountant. Opacus's "ghost" clipping refuses tied weights and failed
-on DPLSTM in our trials.
+A DP step runs in named stages, as Opacus's optimizer does: sample (`_sample`), per-window
+gradients and clipping (`_clipped_sum`), noise and scaling (`_noise`), then the optimizer step.
+Per-window gradients come from `torch.func` (`vmap` of `grad`), in parts of similar length
+that are cut to their own longest window, so padding costs little; the output layer, most of the
+cost on a large catalogue, scores only real targets where no `vmap` is involved. Many clients
+train at once as stacked parameters, each window under its own client's weights. Opacus's
+accountant counts the privacy spent; its "ghost" clipping refuses tied weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from opacus.accountants import PRVAccountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
 from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import Config
-from common.model import window_loss
+from common.memo import cached
+from common.model import window_losses
 from common.privacy import Ledger, quiet_opacus
 
 ACCOUNTANT = "prv"
@@ -44,6 +43,16 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 MechanismHistory = list[tuple[float, float, int]]
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientJob:
+    """One client's share of a cohort: its windows, its seed, and its DP mechanism so far."""
+
+    windows: np.ndarray  # (W, max_len+1)
+    seed: int
+    noise_multiplier: float | None = None  # None: no DP
+    history: tuple[tuple[float, float, int], ...] = ()
+
+
 @dataclasses.dataclass
 class TrainResult:
     loss: float  # mean window loss of the last epoch trained
@@ -51,6 +60,7 @@ class TrainResult:
     steps: int
     history: MechanismHistory  # all mechanisms applied so far, the ones given included
     epsilon: float | None  # cumulative ε at the config's δ, None without DP
+    weights: dict[str, torch.Tensor]  # the trained parameters, by name (tied weights once)
 
 
 def train(
@@ -64,111 +74,394 @@ def train(
     seed: int = 0,
     on_epoch_end: Callable[[int, float, float | None], bool] | None = None,
 ) -> TrainResult:
-    """Train `model` in place on `windows` (W, max_len+1).
+    """Train `model` in place on `windows` (W, max_len+1): one client, or the centralized baseline.
 
     `noise_multiplier=None` trains without DP, through the same loop. `history` is the privacy
     spent before this call; the result's history and ε include it. `on_epoch_end(epoch, loss, ε)`
-    may return True to stop early (the centralized baseline's early stopping).
+    sees the model as trained so far and may return True to stop early.
     """
+    job = ClientJob(windows, seed, noise_multiplier, tuple(tuple(h) for h in history))
     with quiet_opacus():
-        return _train(model, windows, cfg, epochs, noise_multiplier, history, seed, on_epoch_end)
+        result = _Cohort(model, [job], cfg).train(epochs, on_epoch_end)[0]
+    _load(model, result.weights)
+    return result
 
 
-def _train(model, windows, cfg, epochs, noise_multiplier, history, seed, on_epoch_end) -> TrainResult:
-    torch.manual_seed(seed)  # batch order, dropout, Poisson sampling and DP noise
-    data = DataLoader(TensorDataset(torch.from_numpy(windows)), batch_size=cfg.batch_size, shuffle=True)
-    optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    accountant = None
-    if noise_multiplier is not None:
-        data = DPDataLoader.from_data_loader(data)  # Poisson sampling at rate 1 / batches per epoch
+def train_clients(model: torch.nn.Module, jobs: Sequence[ClientJob], cfg: Config, *, epochs: int) -> list[TrainResult]:
+    """Train one copy of `model` per job, many at once; the results are each job's own.
+
+    Each client has its own parameters (stacked, and run through `torch.func.functional_call`
+    and `vmap`), its own optimizer state, and its own generator for Poisson sampling, dropout
+    and noise, so a client's result does not depend on which others share its cohort: training
+    it alone (the deployed ClientApp) gives the same weights, within float tolerance.
+    `model` only supplies the architecture and the starting weights; it is not changed.
+    """
+    results: list[TrainResult | None] = [None] * len(jobs)
+    with quiet_opacus():
+        for chunk in _chunks(model, jobs, cfg):
+            for index, result in zip(chunk, _Cohort(model, [jobs[i] for i in chunk], cfg).train(epochs), strict=True):
+                results[index] = result
+    return results  # type: ignore[return-value]
+
+
+COHORT_BYTES = 2**27  # stacked parameters, gradients and optimizer state of one cohort chunk
+PER_SAMPLE_BYTES = 2**26  # per-window gradients and scores held at once
+
+
+def _chunks(model: torch.nn.Module, jobs: Sequence[ClientJob], cfg: Config) -> list[list[int]]:
+    """Clients that can step together (as many steps per epoch), in memory-bounded chunks,
+    each chunk of similar window lengths so that little of its padding is computed."""
+    size = 4 * sum(p.numel() for p in model.parameters()) * (4 if cfg.optimizer == "adam" else 2)
+    per_chunk = max(1, COHORT_BYTES // size)
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(batches_per_epoch(len(job.windows), cfg.batch_size), []).append(i)
+    longest = [int((job.windows != 0).sum(1).max(initial=0)) for job in jobs]
+    chunks = []
+    for members in groups.values():
+        members.sort(key=lambda i: longest[i])
+        chunks += [members[s:s + per_chunk] for s in range(0, len(members), per_chunk)]
+    return chunks
+
+
+class _Cohort:
+    """Clients training together: stacked parameters (C, *shape), one optimizer over them.
+
+    SGD and Adam update each element on its own, and every client of a cohort takes the same
+    number of steps, so one optimizer over stacked parameters is exactly one optimizer per client.
+    """
+
+    def __init__(self, model: torch.nn.Module, jobs: list[ClientJob], cfg: Config) -> None:
+        self.model, self.jobs, self.cfg = model, jobs, cfg
+        self.names = [name for name, _ in model.named_parameters()]  # tied weights appear once
+        self.params = {name: p.detach().unsqueeze(0).repeat(len(jobs), *([1] * p.dim())).requires_grad_()
+                       for name, p in model.named_parameters()}
+        self.optimizer = OPTIMIZERS[cfg.optimizer](self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
+        self.steps = batches_per_epoch(len(jobs[0].windows), cfg.batch_size)
+        self.dp = jobs[0].noise_multiplier is not None
+        self.windows = [torch.from_numpy(job.windows) for job in jobs]
+
+    def train(self, epochs: int, on_epoch_end: Callable[[int, float, float | None], bool] | None = None
+              ) -> list[TrainResult]:
+        accountants = [self._accountant(job) for job in self.jobs]
+        self.model.train()
+        losses, epoch = [math.nan] * len(self.jobs), 0
+        for epoch in range(1, epochs + 1):
+            orders = [None if self.dp else torch.randperm(len(w), generator=g)
+                      for w, g in zip(self.windows, self.generators, strict=True)]
+            totals, batches = [0.0] * len(self.jobs), [0] * len(self.jobs)
+            for step in range(self.steps):
+                picks = [self._sample(c, orders[c], step) for c in range(len(self.jobs))]
+                self.optimizer.zero_grad(set_to_none=True)
+                step_losses = self._step(picks, shared=epoch == 1 and step == 0)
+                self.optimizer.step()
+                for c, (pick, accountant) in enumerate(zip(picks, accountants, strict=True)):
+                    if accountant is not None:
+                        accountant.step(noise_multiplier=self.jobs[c].noise_multiplier, sample_rate=1 / self.steps)
+                    if len(pick):  # Poisson sampling can draw an empty batch: still a DP step
+                        totals[c] += step_losses[c]
+                        batches[c] += 1
+            losses = [t / max(b, 1) for t, b in zip(totals, batches, strict=True)]
+            if on_epoch_end is not None:
+                _load(self.model, self._weights(0))
+                if on_epoch_end(epoch, losses[0], _epsilon(accountants[0], self.cfg.delta)):
+                    break
+        return [TrainResult(losses[c], epoch, epoch * self.steps,
+                            [tuple(h) for h in accountants[c].history] if accountants[c] else list(job.history),
+                            _epsilon(accountants[c], self.cfg.delta), self._weights(c))
+                for c, job in enumerate(self.jobs)]
+
+    def _accountant(self, job: ClientJob) -> PRVAccountant | None:
+        if job.noise_multiplier is None:
+            return None
         accountant = PRVAccountant()
-        accountant.history = [tuple(h) for h in history]
-        expected_batch = int(len(windows) * data.sample_rate)  # Opacus's normaliser of the noised sum
-    model.train()
-    steps, loss, epoch = 0, math.nan, 0
-    for epoch in range(1, epochs + 1):
-        total, batches = 0.0, 0
-        for (batch,) in data:
-            optimizer.zero_grad(set_to_none=True)
-            if accountant is None:
-                batch_loss = window_loss(model, batch)
-                batch_loss.backward()
+        accountant.history = [tuple(h) for h in job.history]
+        return accountant
+
+    def _sample(self, c: int, order: torch.Tensor | None, step: int) -> torch.Tensor:
+        """The window indices of client c's batch: Poisson under DP (Opacus's
+        `UniformWithReplacementSampler`: each window with probability 1 / steps), else shuffled."""
+        if self.dp:
+            return (torch.rand(len(self.windows[c]), generator=self.generators[c]) < 1 / self.steps).nonzero().flatten()
+        return order[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
+
+    def _weights(self, c: int) -> dict[str, torch.Tensor]:
+        return {name: self.params[name][c].detach() for name in self.names}  # views: the cohort is done with them
+
+    def _step(self, picks: list[torch.Tensor], shared: bool) -> list[float]:
+        """Set every client's gradient for one step; return each client's mean batch loss.
+
+        `shared`: every client still holds the starting weights (the first step), so all windows
+        run under one set of weights and nothing is gathered per client.
+        """
+        slots = torch.cat([torch.full((len(p),), c) for c, p in enumerate(picks)])
+        windows = torch.cat([w[p] for w, p in zip(self.windows, picks, strict=True)])
+        masks = self._dropout_masks(picks)
+        sizes = torch.tensor([len(p) for p in picks])
+        shared = shared or len(self.jobs) == 1
+        losses = torch.zeros(len(windows))
+        summed = {name: torch.zeros_like(p) for name, p in self.params.items()} if self.dp else None
+        for part in self._parts(windows):
+            width = max(int((windows[part] != 0).sum(1).max()), 2)  # the part's longest window, not max-len
+            part_masks = None if masks is None else masks[part, :, : width - 1]
+            batch = _Part(windows[part, :width], slots[part], part_masks)
+            if summed is not None:
+                losses[part] = self._clipped_sum(summed, batch, shared)
             else:
-                batch_loss = private_gradients(model, batch, cfg.max_grad_norm, noise_multiplier, expected_batch)
-                accountant.step(noise_multiplier=noise_multiplier, sample_rate=data.sample_rate)
-            optimizer.step()
-            steps += 1
-            if len(batch):  # Poisson sampling can draw an empty batch: still a DP step
-                total += batch_loss.item()
-                batches += 1
-        loss = total / max(batches, 1)
-        if on_epoch_end is not None and on_epoch_end(epoch, loss, _epsilon(accountant, cfg.delta)):
-            break
-    new_history = [tuple(h) for h in accountant.history] if accountant else list(history)
-    return TrainResult(loss, epoch, steps, new_history, _epsilon(accountant, cfg.delta))
+                part_losses = self._losses(batch, shared=len(self.jobs) == 1)
+                (part_losses / sizes[batch.slots]).sum().backward()
+                losses[part] = part_losses.detach()
+        if summed is not None:
+            self._noise(summed)
+        return (torch.zeros(len(self.jobs)).index_add(0, slots, losses) / sizes.clamp(min=1)).tolist()
+
+    def _parts(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        """Index sets of windows of similar length, each part as large as `PER_SAMPLE_BYTES`
+        allows for what a window holds: its (L, N+1) scores, its per-window gradients of the
+        small layers and its (L, L, H) attention energies (a few copies through the backward
+        pass). A part's cost is mostly per time step (the LSTM under `vmap`), so short windows
+        go in large parts."""
+        small = sum(p[0].numel() for name, p in self.params.items() if name not in OUTER)
+        hidden = self.model.lstm.hidden_size
+        lengths = (windows != 0).sum(1)
+        order = torch.argsort(lengths, stable=True)
+        parts, start = [], 0
+        for end, length in enumerate(lengths[order].tolist(), start=1):
+            per_window = 4 * (small + length * (self.model.num_items + 1) + 4 * length * length * hidden)
+            if (end - start) * per_window > PER_SAMPLE_BYTES and end - 1 > start:
+                parts.append(order[start:end - 1])
+                start = end - 1
+        return [*parts, order[start:]] if len(order) else []
+
+    def _dropout_masks(self, picks: list[torch.Tensor]) -> torch.Tensor | None:
+        """(W, 2, max_len, E) masks for the two dropout layers, each client's from its own generator."""
+        p = self.cfg.dropout
+        if p == 0:
+            return None
+        shape = (2, self.cfg.max_len, self.cfg.embedding_dim)
+        masks = [torch.empty(len(pick), *shape).bernoulli_(1 - p, generator=g) / (1 - p)
+                 for pick, g in zip(picks, self.generators, strict=True)]
+        return torch.cat(masks)
+
+    # The stages of a step. Parameters split in two: the item embedding and the output layer
+    # (tied, or not), (N+1, E) each and most of the model, whose per-window gradients are never
+    # materialised; and the small layers between them, whose per-window gradients `vmap` gives.
+
+    def _small(self, batch: _Part, shared: bool, detach: bool) -> tuple[dict[str, torch.Tensor], int | None]:
+        """The small layers' weights of each window's client (in_dims 0), or the one set all share."""
+        weights = {name: (p[0] if shared else p[batch.slots]) for name, p in self.params.items() if name not in OUTER}
+        return ({k: v.detach() for k, v in weights.items()} if detach else weights), (None if shared else 0)
+
+    def _features(self, small: dict[str, torch.Tensor], dim: int | None, batch: _Part, embedded: torch.Tensor
+                  ) -> torch.Tensor:
+        """(W, L, E) features the output layer scores, each window under its client's weights."""
+        model, masks = self.model, batch.masks
+        if dim is None:  # one set of weights: a plain batch through the fused LSTM kernel
+            return functional_call(model, small, (batch.inputs, None if masks is None else masks.transpose(0, 1),
+                                                  None, embedded))
+        model.private = True  # DPLSTM's step-by-step forward, which vmap batches
+        try:
+            return vmap(_one_window(model), in_dims=(0, 0, 0, None if masks is None else 0))(
+                small, batch.inputs, embedded, masks)
+        finally:
+            model.private = False
+
+    def _scores(self, batch: _Part, features: torch.Tensor, shared: bool, detach: bool) -> _Scores:
+        """Log-probabilities of every item at each real target, rows grouped by client."""
+        rows = _Rows(batch)
+        head = self.params[OUTER[-1] if OUTER[-1] in self.params else OUTER[0]]
+        head = head.detach() if detach else head
+        weights = head[0] if shared else head[rows.clients]  # (N+1, E) or (P, N+1, E)
+        grouped = features.new_zeros(len(rows.clients), rows.longest, features.shape[-1])
+        grouped[rows.group, rows.rank] = features[rows.window, rows.position]
+        return _Scores(rows, torch.log_softmax(grouped @ weights.transpose(-1, -2), dim=-1), weights, grouped)
+
+    def _embedded(self, batch: _Part, detach: bool) -> torch.Tensor:
+        """(W, L, E) item embeddings of each window's inputs, from its client's embedding."""
+        table = self.params[OUTER[0]]
+        table = (table.detach() if detach else table).flatten(0, 1)  # (C·(N+1), E)
+        return table[batch.slots.unsqueeze(1) * (self.model.num_items + 1) + batch.inputs]
+
+    def _losses(self, batch: _Part, shared: bool) -> torch.Tensor:
+        """Each window's loss under its client's parameters, differentiable: the non-DP step."""
+        small, dim = self._small(batch, shared, detach=False)
+        scores = self._scores(batch, self._features(small, dim, batch, self._embedded(batch, detach=False)),
+                              shared, detach=False)
+        return scores.window_losses()
+
+    def _clipped_sum(self, summed: dict[str, torch.Tensor], batch: _Part, shared: bool) -> torch.Tensor:
+        """Add each window's gradient, clipped to `max_grad_norm`, to its client's sum; return
+        the windows' losses.
+
+        The output layer's and the embedding's per-window gradients are (N+1, E) each; their norms
+        come from (L, L) Gram matrices of the per-position terms instead ("ghost" norms, exact),
+        and the clipped sum from one matrix product per client.
+        """
+        small, dim = self._small(batch, shared, detach=True)
+        embedded = self._embedded(batch, detach=True)
+        with torch.no_grad():
+            features = self._features(small, dim, batch, embedded)
+            scores = self._scores(batch, features, shared, detach=True)
+            losses = scores.window_losses()
+            upstream = scores.output_gradient()  # (P, R, N+1): d loss / d logits, per row
+            feature_grads = features.new_zeros(features.shape)  # (W, L, E)
+            rows = scores.rows
+            feature_grads[rows.window, rows.position] = (upstream @ scores.weights)[rows.group, rows.rank]
+        model = self.model
+
+        def backward(w, items, x, masks, grads):
+            return (_one_window(model)(w, items, x, masks) * grads).sum()
+
+        model.private = True
+        try:
+            small_grads, embedded_grads = vmap(grad(backward, argnums=(0, 2)),
+                                               in_dims=(dim, 0, 0, None if batch.masks is None else 0, 0))(
+                small, batch.inputs, embedded, batch.masks, feature_grads)
+        finally:
+            model.private = False
+        embedded_grads = embedded_grads * (batch.inputs != 0).unsqueeze(-1)  # the padding row learns nothing
+        with torch.no_grad():
+            squared = sum(g.flatten(1).pow(2).sum(1) for g in small_grads.values())
+            squared = squared + scores.outer_squared_norms(upstream, features, embedded_grads, batch.inputs,
+                                                           tied=OUTER[-1] not in self.params)
+            factors = (self.cfg.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
+            for name, g in small_grads.items():
+                summed[name].index_add_(0, batch.slots, g * factors.view(-1, *([1] * (g.dim() - 1))))
+            head = OUTER[-1] if OUTER[-1] in self.params else OUTER[0]
+            weighted = upstream.mul_(factors[rows.window_of_group].unsqueeze(-1))  # (P, R, N+1)
+            summed[head].index_add_(0, rows.clients, weighted.transpose(1, 2) @ scores.features)
+            table = summed[OUTER[0]].view(-1, features.shape[-1])
+            index = batch.slots.unsqueeze(1) * (self.model.num_items + 1) + batch.inputs
+            table.index_add_(0, index.flatten(), (embedded_grads * factors.view(-1, 1, 1)).flatten(0, 1))
+        return losses
+
+    def _noise(self, summed: dict[str, torch.Tensor]) -> None:
+        """Each client's Gaussian noise (std σ·C, from its own generator) and Opacus's scaling by
+        the expected batch size; the result is the client's DP-SGD gradient."""
+        stds = [job.noise_multiplier * self.cfg.max_grad_norm for job in self.jobs]
+
+        def draw(clients: range) -> None:
+            buffers = {name: torch.empty(summed[name].shape[1:]) for name in self.names}
+            for c in clients:
+                for name in self.names:  # each client's draws in parameter order, as Opacus draws them
+                    if stds[c] > 0:
+                        summed[name][c] += torch.normal(0.0, stds[c], size=buffers[name].shape,
+                                                        generator=self.generators[c], out=buffers[name])
+
+        # Drawing is serial per generator and most of a cross-device client's step: the clients
+        # are split over torch's threads (each generator stays on one thread, in order).
+        workers = min(torch.get_num_threads(), len(self.jobs))
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(draw, [range(w, len(self.jobs), workers) for w in range(workers)]))
+        expected = torch.tensor([float(int(len(job.windows) / self.steps)) for job in self.jobs])  # Opacus: len(data) x rate
+        for name in self.names:
+            self.params[name].grad = summed[name].div_(expected.view(-1, *([1] * (summed[name].dim() - 1))))
 
 
-PER_SAMPLE_CHUNK = 32  # windows whose per-sample gradients are held at once
-ONE_BY_ONE = 8  # up to this many windows, per-window gradients come from plain autograd, one by one
+OUTER = ("item_embedding.weight", "head.weight")  # the (N+1, E) tables; head.weight only when untied
 
 
-def private_gradients(
-    model: torch.nn.Module,
-    batch: torch.Tensor,
-    max_grad_norm: float,
-    noise_multiplier: float,
-    expected_batch: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Set every parameter's `.grad` to the DP-SGD gradient of `batch`; return the batch's mean loss.
+@dataclasses.dataclass
+class _Part:
+    """Windows of one step, cut to the part's longest, with their clients' slots and dropout masks."""
 
-    Exactly Opacus's `DPOptimizer` arithmetic: each window's gradient (over all parameters at
-    once) is clipped to `max_grad_norm`, the clipped gradients are summed, Gaussian noise of std
-    `noise_multiplier * max_grad_norm` is added, and the result is divided by `expected_batch`.
-    """
-    params = dict(model.named_parameters())  # tied weights appear once
-    summed = {name: torch.zeros_like(p) for name, p in params.items()}
-    losses = []
-    for chunk in batch.split(PER_SAMPLE_CHUNK) if len(batch) else ():
-        grads, chunk_losses = _per_window_gradients(model, params, chunk)
-        norms = torch.stack([g.flatten(1).norm(2, dim=1) for g in grads.values()], dim=1).norm(2, dim=1)
-        factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for name, g in grads.items():
-            summed[name] += torch.einsum("i,i...", factors, g)
-        losses.append(chunk_losses)
-    std = noise_multiplier * max_grad_norm
-    for name, p in model.named_parameters():
-        noise = torch.normal(0.0, std, size=p.shape, generator=generator) if std > 0 else 0.0
-        p.grad = (summed[name] + noise) / expected_batch
-    return torch.cat(losses).mean() if losses else torch.tensor(math.nan)
+    windows: torch.Tensor  # (W, L+1)
+    slots: torch.Tensor  # (W,)
+    masks: torch.Tensor | None  # (W, 2, L, E)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.windows[:, :-1]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.windows[:, 1:]
 
 
-def _per_window_gradients(
-    model: torch.nn.Module, params: dict[str, torch.Tensor], windows: torch.Tensor
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Each window's loss gradient (W, *shape) per parameter, and each window's loss (W,).
+class _Rows:
+    """The part's real targets, as rows grouped by client: group g (client `clients[g]`), rank r."""
 
-    One window's gradient is an ordinary gradient, and plain autograd through the fused LSTM
-    kernel is the fastest way to it: a few windows (a cross-device client's batch) go one by one.
-    More go through `vmap`, with DPLSTM's step-by-step forward (plain tensor ops that vmap
-    batches), whose fixed cost pays off from about `ONE_BY_ONE` windows (benchmarks/speed.py).
-    """
-    if len(windows) <= ONE_BY_ONE:
-        losses = [window_loss(model, window.unsqueeze(0)) for window in windows]
-        grads = [torch.autograd.grad(loss, list(params.values())) for loss in losses]
-        return ({name: torch.stack([g[i] for g in grads]) for i, name in enumerate(params)},
-                torch.stack(losses).detach())
+    def __init__(self, batch: _Part) -> None:
+        real = batch.targets != 0
+        self.window, self.position = real.nonzero(as_tuple=True)  # (R,) each, in window order
+        self.clients, self.group = torch.unique(batch.slots[self.window], return_inverse=True)
+        order = torch.argsort(self.group, stable=True)
+        per_group = torch.bincount(self.group, minlength=len(self.clients))
+        starts = torch.cumsum(per_group, 0) - per_group
+        self.rank = torch.empty_like(self.group)
+        self.rank[order] = torch.arange(len(order)) - starts[self.group[order]]
+        self.longest = int(per_group.max()) if len(per_group) else 0
+        self.targets = batch.targets[self.window, self.position]
+        self.counts = real.sum(1).clamp(min=1)  # targets per window
+        self.num_windows = len(batch.windows)
+        self.window_of_group = torch.zeros(len(self.clients), self.longest, dtype=torch.long)
+        self.window_of_group[self.group, self.rank] = self.window
 
-    def loss_of(weights: dict[str, torch.Tensor], window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = window_loss(lambda items: functional_call(model, weights, (items,)), window.unsqueeze(0))
-        return loss, loss.detach()
 
-    model.private = True
-    try:
-        detached = {name: p.detach() for name, p in params.items()}
-        return vmap(grad(loss_of, has_aux=True), in_dims=(None, 0), randomness="different")(detached, windows)
-    finally:
-        model.private = False
+@dataclasses.dataclass
+class _Scores:
+    rows: _Rows
+    log_probs: torch.Tensor  # (P, R, N+1), padding rows included
+    weights: torch.Tensor  # the output layer's weights: (N+1, E), or (P, N+1, E) per client
+    features: torch.Tensor  # (P, R, E): what the output layer scored, rows grouped as log_probs
+
+    def window_losses(self) -> torch.Tensor:
+        """Each window's mean cross-entropy over its real targets (W,)."""
+        rows = self.rows
+        token = -self.log_probs[rows.group, rows.rank, rows.targets]
+        return torch.zeros(rows.num_windows, dtype=token.dtype).index_add(0, rows.window, token) / rows.counts
+
+    def output_gradient(self) -> torch.Tensor:
+        """d window loss / d logits (P, R, N+1): (softmax - one-hot) / targets in the window; 0 on
+        padding. Computed in place of the log-probabilities (the largest tensor of a step), so
+        `window_losses` must come first."""
+        rows = self.rows
+        upstream = self.log_probs.exp_()
+        upstream[rows.group, rows.rank, rows.targets] -= 1
+        scale = torch.zeros(upstream.shape[:2])
+        scale[rows.group, rows.rank] = 1 / rows.counts[rows.window].to(upstream.dtype)
+        return upstream.mul_(scale.unsqueeze(-1))
+
+    def outer_squared_norms(self, upstream: torch.Tensor, features: torch.Tensor, embedded_grads: torch.Tensor,
+                            inputs: torch.Tensor, tied: bool) -> torch.Tensor:
+        """Per window, the squared norm of the output layer's and the embedding's gradients
+        (one table when tied: their sum), from Gram matrices over the window's positions;
+        `upstream` is `output_gradient()`."""
+        rows = self.rows
+        same_item = (inputs.unsqueeze(2) == inputs.unsqueeze(1)) & (inputs != 0).unsqueeze(2)
+        squared = ((embedded_grads @ embedded_grads.transpose(1, 2)) * same_item).sum((1, 2))
+        if len(rows.clients) == rows.num_windows:  # one window per client: row r of a group is position r
+            order = rows.window_of_group[:, 0]  # each group's window
+            by_window, scored = upstream, self.features  # (W', R, N+1), (W', R, E) in group order
+            inputs, embedded_grads = inputs[order], embedded_grads[order]
+        else:
+            order = None
+            by_window = upstream.new_zeros(rows.num_windows, inputs.shape[1], upstream.shape[-1])  # (W, L, N+1)
+            by_window[rows.window, rows.position] = upstream[rows.group, rows.rank]
+            scored = features
+        outer = ((by_window @ by_window.transpose(1, 2)) * (scored @ scored.transpose(1, 2))).sum((1, 2))
+        if tied:  # the cross term between the two uses of one table
+            at_inputs = torch.gather(by_window, 2, inputs.unsqueeze(1).expand(-1, by_window.shape[1], -1))
+            outer = outer + 2 * (at_inputs * (scored @ embedded_grads.transpose(1, 2))).sum((1, 2))
+        return squared + (outer if order is None else torch.zeros_like(outer).index_copy(0, order, outer))
+
+
+def _one_window(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """Features (L, E) of one window under weights `w`: the function `vmap` maps over windows."""
+
+    def features(w: dict[str, torch.Tensor], items: torch.Tensor, embedded: torch.Tensor,
+                 masks: torch.Tensor | None) -> torch.Tensor:
+        masks = None if masks is None else masks.unsqueeze(1)  # (2, 1, L, E)
+        return functional_call(model, w, (items.unsqueeze(0), masks, None, embedded.unsqueeze(0)))[0]
+
+    return features
+
+
+def _load(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
 
 
 def _epsilon(accountant: PRVAccountant | None, delta: float) -> float | None:
@@ -176,7 +469,7 @@ def _epsilon(accountant: PRVAccountant | None, delta: float) -> float | None:
     return Ledger(tuple(tuple(h) for h in accountant.history)).epsilon(delta) if accountant else None
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(1024)
 def noise_multiplier_for(cfg: Config, num_windows: int, epochs: int) -> float:
     """σ from the config: given outright, or the smallest that keeps `epochs` under target ε.
 

@@ -8,6 +8,7 @@ mapping into a `Config` here, which checks names, types and ranges once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -155,6 +156,13 @@ class Config:
         """
         merged = {**defaults(), **dict(run_config)}
         merged.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return _parsed(cls, tuple(sorted(merged.items())))
+        except TypeError:  # an unhashable value: parse it uncached, for the clear error
+            return cls._parse(merged)
+
+    @classmethod
+    def _parse(cls, merged: Mapping[str, Any]) -> Config:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in merged.items():
@@ -170,8 +178,20 @@ class Config:
         return {_key(k): v for k, v in dataclasses.asdict(self).items()}
 
 
+@functools.lru_cache(maxsize=64)
+def _parsed(cls: type[Config], items: tuple[tuple[str, Any], ...]) -> Config:
+    """Cached: a simulation parses the same run config for every one of thousands of messages."""
+    return cls._parse(dict(items))
+
+
 def defaults() -> dict[str, Any]:
     """The `[tool.flwr.app.config]` table of the project's pyproject.toml."""
+    return dict(_defaults())
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict[str, Any]:
+    """Read once per process: every message of a simulation asks for it."""
     if not PYPROJECT.is_file():
         raise ConfigError(f"{PYPROJECT} not found: install fedrec from its source tree (pip install -e .)")
     with PYPROJECT.open("rb") as f:

@@ -7,7 +7,6 @@ set, partition scheme, seed), so no user list ever has to travel between them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from common.artifacts import staged_output
 from common.config import Config
 from common.dataset import SequenceData, eval_examples, load_dataset, training_windows
 from common.errors import DataError
+from common.memo import cached
 from common.partition import partition_users, popularity_groups, user_labels
 
 
@@ -35,7 +35,7 @@ class ClientData:
     num_items: int
 
 
-@functools.lru_cache(maxsize=2)
+@cached(2)
 def federation(cfg: Config) -> Federation:
     """Load the data set once per process and split it between the server and the clients."""
     data = load_dataset(cfg)

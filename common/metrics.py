@@ -7,10 +7,10 @@ Conventions the rest of fedrec relies on:
 - Item ids are 1..N. Column 0 of a score matrix is the padding item; it is set to -inf before
   ranking, so it is never recommended whatever score a model gives it.
 - Order: score descending, ties broken by item id ascending, i.e. what a stable descending sort
-  gives. The target's rank is computed in closed form, 1 + #(s > s_t) + #(s == s_t and id < t),
-  and the top-K lists (`top_k_items`) in the same order, so a hit and the list it is counted in
-  always agree. Serving should rank with `top_k_items` as well (after setting column 0 to
-  -inf), so users are shown exactly the lists that were evaluated.
+  gives. Each user's top-K list (`top_k_items`, K the largest cut-off) is found in that order and
+  the target's rank is its position in that list (a target outside it misses at every K), so a
+  hit and the list it is counted in always agree. Serving should rank with `top_k_items` as well
+  (after setting column 0 to -inf), so users are shown exactly the lists that were evaluated.
   Breaking ties by id rather than at random keeps every result reproducible.
 - A score of -inf means "not recommendable": a target scored -inf is a miss at every K (even
   K >= N), and -inf items never count towards coverage.
@@ -29,6 +29,7 @@ Conventions the rest of fedrec relies on:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -43,10 +44,12 @@ _NEG_INF = float("-inf")
 
 
 class RankingAccumulator:
-    """Running sums of ranking metrics, fed one batch of users at a time.
+    """Running counts of ranking metrics, fed one batch of users at a time.
 
-    Only per-K sums and a boolean "recommended at least once" vector per K are kept, so a 22k-user
-    by 12k-item evaluation never holds more than one batch of scores.
+    Only integer counts are kept: how many users' targets came at each rank 1..K (K the largest
+    cut-off) and how often each item was listed, per K. So a 22k-user by 12k-item evaluation never
+    holds more than one batch of scores, and the result does not depend on how the users were
+    batched or in which order they came: the means are computed from the counts at the end.
     """
 
     def __init__(
@@ -75,9 +78,7 @@ class RankingAccumulator:
         self.head = head
         self.target = target
         self._users = 0
-        self._hits = dict.fromkeys(ks, 0.0)
-        self._ndcg = dict.fromkeys(ks, 0.0)
-        self._mrr = dict.fromkeys(ks, 0.0)
+        self._at_rank = torch.zeros(ks[-1] + 1, dtype=torch.int64)  # [r]: users whose target came r-th
         # How often each item is listed, per K; on the CPU whatever device the scores are on.
         self._listed = {k: torch.zeros(num_items + 1, dtype=torch.int64) for k in ks}
 
@@ -89,6 +90,12 @@ class RankingAccumulator:
         `history` is only read when masking is on, and is required then. The caller's scores are
         not modified.
         """
+        self._add(scores, targets, history, copy=True)
+
+    def _add(
+        self, scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None, copy: bool
+    ) -> None:
+        """`add`; with copy=False the scores are overwritten (column 0 and masked items)."""
         if scores.ndim != 2 or scores.shape[1] != self.num_items + 1:
             raise ValueError(
                 f"scores must have shape (batch, {self.num_items + 1}), got {tuple(scores.shape)}"
@@ -101,11 +108,12 @@ class RankingAccumulator:
             return
         if targets.min() < 1 or targets.max() > self.num_items:
             raise ValueError(f"targets must be item ids in 1..{self.num_items}")
-        # A NaN compares false with everything, so a NaN target would silently rank first.
-        if torch.isnan(scores).any():
+        # A NaN compares false with everything, so a NaN target would silently rank first. A sum
+        # is NaN whenever a score is (one pass, no temporary); only then (or on inf - inf) look.
+        if torch.isnan(scores.sum()) and torch.isnan(scores).any():
             raise ValueError("scores contain NaN (did training diverge?)")
 
-        scores = scores.detach().clone()
+        scores = scores.detach().clone() if copy else scores.detach()
         scores[:, 0] = _NEG_INF
         if self.mask_history:
             if history is None:
@@ -117,14 +125,13 @@ class RankingAccumulator:
                 )
             scores.scatter_(1, history, _NEG_INF)  # pad entries hit column 0, already -inf
 
-        ranks = _target_ranks(scores, targets)
         top_items = top_k_items(scores, self.ks[-1])
         top_recommendable = scores.gather(1, top_items) > _NEG_INF
+        # A -inf target is never recommendable, so it is found nowhere: a miss at every K.
+        found = (top_items == targets.unsqueeze(1)) & top_recommendable
+        ranks = found.to(torch.uint8).argmax(dim=1)[found.any(dim=1)] + 1
+        self._at_rank += torch.bincount(ranks.cpu(), minlength=len(self._at_rank))
         for k in self.ks:
-            hit = ranks <= k
-            self._hits[k] += hit.sum().item()
-            self._ndcg[k] += torch.where(hit, 1.0 / torch.log2(ranks + 1.0), 0.0).sum().item()
-            self._mrr[k] += torch.where(hit, 1.0 / ranks, 0.0).sum().item()
             listed = top_items[:, :k][top_recommendable[:, :k]]
             self._listed[k] += torch.bincount(listed.cpu(), minlength=self.num_items + 1)
         self._users += batch
@@ -138,11 +145,12 @@ class RankingAccumulator:
         if self._users == 0:
             raise ValueError("no users were added; there is nothing to evaluate")
         users = self._users
-        hr = {k: self._hits[k] / users for k in self.ks}
+        at_rank = self._at_rank.tolist()  # exact counts, so the sums below ignore batching and order
+        hr = {k: sum(at_rank[1 : k + 1]) / users for k in self.ks}
         metrics: dict[str, float] = {}
         metrics.update({f"hr@{k}": hr[k] for k in self.ks})
-        metrics.update({f"ndcg@{k}": self._ndcg[k] / users for k in self.ks})
-        metrics.update({f"mrr@{k}": self._mrr[k] / users for k in self.ks})
+        metrics.update({f"ndcg@{k}": sum(at_rank[r] / math.log2(r + 1) for r in range(1, k + 1)) / users for k in self.ks})
+        metrics.update({f"mrr@{k}": sum(at_rank[r] / r for r in range(1, k + 1)) / users for k in self.ks})
         metrics.update({f"precision@{k}": hr[k] / k for k in self.ks})
         metrics.update({f"recall@{k}": hr[k] for k in self.ks})
         metrics.update({f"f1@{k}": hr[k] * 2.0 / (k + 1) for k in self.ks})
@@ -178,28 +186,33 @@ def head_items(counts: np.ndarray | torch.Tensor, share: float = HEAD_SHARE) -> 
     return head
 
 
-def _target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1-based rank (float64, B) of each target in the stable descending order; inf if -inf.
-
-    Counting is O(N) per user instead of a sort, and matches the stable sort's tie order exactly.
-    """
-    target_scores = scores.gather(1, targets.unsqueeze(1))
-    ids = torch.arange(scores.shape[1], device=scores.device)
-    ahead = (scores > target_scores) | ((scores == target_scores) & (ids < targets.unsqueeze(1)))
-    ranks = 1.0 + ahead.sum(dim=1, dtype=torch.float64)
-    return ranks.masked_fill(target_scores.squeeze(1) == _NEG_INF, float("inf"))
-
-
 def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Ids (B, min(k, N+1)) of each row's k best items, best first, ties by id ascending.
 
-    Exactly `torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]`, but about
-    five times faster on a 12k-item CPU batch: only the k best are found and sorted. The items
-    scored above the k-th best value are all in; ties at that value are filled in by id. Scores
-    must not contain NaN. Entries of -inf (padding, masked items) fill a row that has fewer
-    than k other items; they are not recommendations.
+    Exactly `torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]`, but only
+    the k best are found and sorted: one `topk` pass over a 12k-item batch. Scores must not
+    contain NaN. Entries of -inf (padding, masked items) fill a row that has fewer than k other
+    items; they are not recommendations.
     """
     k = min(k, scores.shape[1])
+    if k == scores.shape[1]:
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices
+    # The k + 1 best: where the k-th beats the (k+1)-th, the k best are the same set however
+    # topk broke ties, and only their order needs ties by id. Rows tied across the cut (rare
+    # for model scores; -inf fill, popularity counts) take the slower exact path.
+    values, ids = torch.topk(scores, k + 1, dim=1)
+    ids = torch.sort(ids[:, :k], dim=1).values  # by id, so the stable sort below breaks ties by id
+    order = torch.sort(scores.gather(1, ids), dim=1, descending=True, stable=True).indices
+    ids = ids.gather(1, order)
+    tied = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
+    if len(tied):
+        ids[tied] = _top_k_tied(scores[tied], k)
+    return ids
+
+
+def _top_k_tied(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`top_k_items` for rows that may tie at the k-th best value: the items scored above it are
+    all in, ties at that value are filled in by id."""
     best = torch.topk(scores, k, dim=1, sorted=False).values
     threshold = best.amin(dim=1, keepdim=True)
     room = (best == threshold).sum(dim=1, keepdim=True)  # tied slots left after the items above
@@ -289,6 +302,13 @@ def evaluate_model(
     and `targets` (U,) the held-out next items. The model must already be on `device`; it is
     run in eval mode without gradients, and its previous training mode is restored afterwards
     (even on error), so evaluating in the middle of training is safe.
+
+    Most histories are far shorter than L, so users are taken shortest first and each batch is
+    cut to its own longest history: the model never reads a column that is padding for every
+    user of the batch, which must not change its scores (true of a model that reads right-padded
+    histories causally or masks padding out, as `AttentionLSTM` does). The accumulated metrics
+    do not depend on the order of users. The scores `last_scores` returns are overwritten in
+    place, so it must return a new tensor on each call (not a view of one it keeps).
     """
     inputs, lengths, targets = np.asarray(inputs), np.asarray(lengths), np.asarray(targets)
     users = len(targets)
@@ -304,16 +324,25 @@ def evaluate_model(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
     accumulator = RankingAccumulator(num_items, ks, mask_history, head=head, target=target)
+    # Each user's extent: the columns up to the last non-padding item (its length, for
+    # right-padded inputs); shortest first, so a batch's extent is that of its last user.
+    nonzero = inputs != 0
+    last = (np.where(nonzero.any(axis=1), inputs.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
+            if inputs.size else np.zeros(users, dtype=np.int64))
+    extent = np.maximum(lengths, last)
+    order = np.argsort(extent, kind="stable")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, users, batch_size):
-                batch = slice(start, start + batch_size)
-                items = torch.as_tensor(inputs[batch], dtype=torch.long, device=device)
-                batch_lengths = torch.as_tensor(lengths[batch], dtype=torch.long, device=device)
-                batch_targets = torch.as_tensor(targets[batch], dtype=torch.long, device=device)
-                accumulator.add(model.last_scores(items, batch_lengths), batch_targets, items)
+                rows = order[start : start + batch_size]
+                width = int(extent[rows[-1]])
+                items = torch.as_tensor(inputs[rows, :width], dtype=torch.long, device=device)
+                batch_lengths = torch.as_tensor(lengths[rows], dtype=torch.long, device=device)
+                batch_targets = torch.as_tensor(targets[rows], dtype=torch.long, device=device)
+                # The scores are ours to overwrite (column 0, masked items): no copy of (B, N+1).
+                accumulator._add(model.last_scores(items, batch_lengths), batch_targets, items, copy=False)
     finally:
         model.train(was_training)
     return accumulator.result()

@@ -18,7 +18,9 @@ Why it looks the way it does:
 - Attention is causal, so every position of a training window is a next-item target of its own
   (the whole window trains in one pass), and the last position is exactly what serving computes.
 - The output layer may share the item embedding (`tie_weights`): half the parameters, which
-  matters under DP where noise is added to every parameter.
+  matters under DP where noise is added to every parameter. Tied, the state dict holds the
+  tensor once (as `item_embedding.weight`), so messages, aggregation and checkpoints move and
+  average the largest tensor once, not twice.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from opacus.layers import DPLSTM
 from torch import nn
 
 from common.config import Config
+from common.errors import DataError
 from common.metrics import top_k_items
 
 
@@ -61,15 +64,41 @@ class AttentionLSTM(nn.Module):
         self.head = nn.Linear(embedding_dim, num_items + 1, bias=False)
         if tie_weights:
             self.head.weight = self.item_embedding.weight
+            self.register_state_dict_post_hook(_drop_tied_head)
+            self.register_load_state_dict_pre_hook(_fill_tied_head)
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """Next-item logits at every position: (B, L) right-padded ids -> (B, L, N+1)."""
-        states, mask = self._encode(items)
+    def forward(
+        self,
+        items: torch.Tensor,
+        dropout_masks: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
+        embedded: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-item logits: (B, L) right-padded ids -> (B, L, N+1), or (T, N+1) at the T
+        positions where `select` (B, L) is true: on a large catalogue the output layer is most of
+        the cost, and only the positions with a real target need it.
+
+        `dropout_masks` (2, B, L, E), already scaled by 1 / (1 - p), replace the dropout layers'
+        own draws: a client's masks then come from its own generator, so training many clients
+        at once gives each the same result as training it alone.
+
+        Given `embedded` (B, L, E), the items' embeddings looked up by the caller, the result is
+        the features (B, L, E) that the output layer scores: DP training does the lookup and the
+        scoring itself, per client, and clips their per-window gradients without materialising
+        them (`client.training`).
+        """
+        masks = (None, None) if dropout_masks is None else dropout_masks.unbind(0)
+        mask = items != 0
+        x = self.item_embedding(items) if embedded is None else embedded
+        states = self._lstm(self._drop(x, masks[0]))
         length = items.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
         allowed = causal.unsqueeze(0) & mask.unsqueeze(1)  # (B, query t, key i)
         context, _ = self._attend(states, states, allowed)
-        return self.head(self._combine(context, states))
+        features = self._combine(context, states, masks[1])  # (B, L, E)
+        if embedded is not None:
+            return features
+        return self.head(features if select is None else features[select])
 
     def last_scores(
         self, items: torch.Tensor, lengths: torch.Tensor, return_attention: bool = False
@@ -79,22 +108,20 @@ class AttentionLSTM(nn.Module):
         With `return_attention`, also the attention each past position received (B, L), which
         explains a recommendation by the history items it drew on.
         """
-        states, mask = self._encode(items)
+        states, mask = self._lstm(self.dropout(self.item_embedding(items))), items != 0
         last = states[torch.arange(items.shape[0], device=items.device), lengths - 1]  # (B, H)
         context, weights = self._attend(states, last.unsqueeze(1), mask.unsqueeze(1))
         scores = self.head(self._combine(context, last.unsqueeze(1))).squeeze(1)
         return (scores, weights.squeeze(1)) if return_attention else scores
 
-    def _encode(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.dropout(self.item_embedding(items))
+    def _lstm(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, L, H) of embedded inputs (B, L, E)."""
         if self.private:
-            states, _ = self.lstm(x)
-        else:
-            lstm = self.lstm
-            zeros = x.new_zeros(1, x.shape[0], lstm.hidden_size)
-            weights = [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0]  # nn.LSTM's order
-            states, _, _ = torch.lstm(x, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)
-        return states, items != 0
+            return self.lstm(x)[0]
+        lstm = self.lstm
+        zeros = x.new_zeros(1, x.shape[0], lstm.hidden_size)
+        weights = [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0]  # nn.LSTM's order
+        return torch.lstm(x, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)[0]
 
     def _attend(
         self, keys: torch.Tensor, queries: torch.Tensor, allowed: torch.Tensor
@@ -105,8 +132,29 @@ class AttentionLSTM(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         return weights @ keys, weights
 
-    def _combine(self, context: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(torch.tanh(self.combine(torch.cat([context, states], dim=-1))))
+    def _combine(self, context: torch.Tensor, states: torch.Tensor,
+                 dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._drop(torch.tanh(self.combine(torch.cat([context, states], dim=-1))), dropout_mask)
+
+    def _drop(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.dropout(x) if mask is None or not self.training else x * mask
+
+
+def _drop_tied_head(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, local_metadata: dict) -> None:
+    """The tied output weight is the item embedding: the state dict carries it once."""
+    state_dict.pop(prefix + "head.weight", None)
+
+
+def _fill_tied_head(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    """Load a state dict without `head.weight` (the embedding stands for it), or one from before
+    the tensor travelled once, whose `head.weight` must then equal the embedding."""
+    embedding, head = state_dict.get(prefix + "item_embedding.weight"), state_dict.get(prefix + "head.weight")
+    if embedding is None:
+        return  # strict loading reports the missing key
+    if head is not None and not torch.equal(head, embedding):
+        raise DataError("head.weight differs from item_embedding.weight: these are the weights of a model with "
+                        "an output layer of its own (tie-weights = false), not of this tied one")
+    state_dict[prefix + "head.weight"] = embedding
 
 
 def build_model(cfg: Config, num_items: int) -> AttentionLSTM:
@@ -117,17 +165,34 @@ def build_model(cfg: Config, num_items: int) -> AttentionLSTM:
 def window_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """Mean over windows of each window's mean next-item cross-entropy.
 
-    A window (B, L+1) is read as inputs window[:, :-1] and targets window[:, 1:]; padding targets
-    (0) do not count. Averaging inside a window first makes the batch loss a mean of per-window
-    losses, which is the reduction Opacus's per-sample clipping assumes (`loss_reduction="mean"`).
+    Averaging inside a window first makes the batch loss a mean of per-window losses, which is
+    the reduction Opacus's per-sample clipping assumes (`loss_reduction="mean"`).
+    """
+    return window_losses(model, windows).mean()
+
+
+def window_losses(
+    model: nn.Module, windows: torch.Tensor, dropout_masks: torch.Tensor | None = None, *, select: bool = True
+) -> torch.Tensor:
+    """Each window's mean next-item cross-entropy: (B, L+1) -> (B,).
+
+    A window is read as inputs window[:, :-1] and targets window[:, 1:]; padding targets (0) do
+    not count. With `select`, logits are computed only where a target is real; under `vmap`
+    (one window at a time, no data-dependent shapes) every position is scored and padding is
+    ignored in the loss instead, which gives the same values.
     """
     inputs, targets = windows[:, :-1], windows[:, 1:]
-    logits = model(inputs)
+    real = targets != 0
+    counts = real.sum(1).clamp(min=1)
+    if select:
+        token_loss = F.cross_entropy(model(inputs, dropout_masks, real), targets[real], reduction="none")  # (T,)
+        rows = torch.arange(len(windows), device=windows.device).unsqueeze(1).expand_as(targets)[real]
+        return torch.zeros(len(windows), dtype=token_loss.dtype).index_add(0, rows, token_loss) / counts
     # (B*L, N+1) rows, not (B, N+1, L): log-softmax over a contiguous last dimension is several
     # times faster, and it dominated a training step on large catalogues.
+    logits = model(inputs, dropout_masks)
     token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0, reduction="none")
-    per_window = token_loss.view_as(targets).sum(1) / (targets != 0).sum(1).clamp(min=1)
-    return per_window.mean()
+    return token_loss.view_as(targets).sum(1) / counts
 
 
 @torch.no_grad()

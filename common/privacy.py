@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -24,18 +23,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.artifacts import replace_atomically
 from common.errors import DataError
+from common.memo import cached
 
 Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
-UNIT_WEIGHT = "unit-weight"  # a metric every reply carries as 1: under central DP FedAvg averages uniformly by it
-
-
 SECAGG_ARRAY_NAMES = "array-names"  # config key: SecAgg+'s legacy message layout drops the parameter names
-
-
-def weight_key(central_dp: bool) -> str:
-    """The reply metric the average weighs clients by: their training windows, or the same for
-    every client under central DP (its noise is calibrated to a uniform average)."""
-    return UNIT_WEIGHT if central_dp else "num-examples"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +95,7 @@ def independent_epsilon(history: tuple[Mechanism, ...], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(4096)
 def _epsilon(history: tuple[Mechanism, ...], delta: float) -> float:
     """Cached: in a simulation thousands of clients share the same few histories."""
     accountant = PRVAccountant()

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from flwr.common.config import parse_config_args
 
 from client.supernode import check_data, supernode_command
 from common.config import PYPROJECT, Config, ConfigError
 from common.dataset import DataError
+from common.flower_compat import parse_config_args
 from server import certs
 from server import flower_cli as fc
 from server.superlink import superlink_command

@@ -17,12 +17,12 @@ everyone who sees the released models, assuming the server adds the noise honest
 
 from __future__ import annotations
 
-import functools
 
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.config import Config
+from common.memo import cached
 from common.privacy import Ledger, quiet_opacus
 
 
@@ -36,7 +36,7 @@ def sample_rate(cfg: Config, num_clients: int) -> float:
     return min(sampled_per_round(cfg, num_clients) / num_clients, 1.0)
 
 
-@functools.lru_cache(maxsize=16)
+@cached(16)
 def noise_multiplier(cfg: Config, num_clients: int) -> float:
     """σ given outright, or the smallest that keeps all rounds within central-target-epsilon."""
     if cfg.central_noise_multiplier > 0:

@@ -1,7 +1,8 @@
 """Secure aggregation with Flower's SecAgg+: the server learns only the weighted sum of the updates.
 
 flwr 1.42 ships SecAgg+ for its legacy API only: `SecAggPlusWorkflow` drives a legacy `Strategy`
-through a `LegacyContext`. This module is the one place on the server that touches that API.
+through a `LegacyContext`. This module is the one place on the server that uses that API (its
+imports live in common/flower_compat.py).
 `SecureGrid` wraps the run's Grid; when the message-API strategy sends a round's train messages,
 it runs the four SecAgg+ stages (setup, share keys, collect masked vectors, unmask) in their
 place. Every reply it hands back carries the securely aggregated weights and that client's own
@@ -21,18 +22,24 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common import FitIns, FitRes, parameters_to_ndarrays
-from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
-from flwr.server.compat.grid_client_proxy import GridClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.strategy import Strategy as LegacyStrategy
-from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
 from common.config import Config, ConfigError
 from common.dataset import window_counts
 from common.federation import Federation
+from common.flower_compat import (
+    MAIN_CONFIGS_RECORD,
+    MAIN_PARAMS_RECORD,
+    FitIns,
+    FitRes,
+    GridClientProxy,
+    LegacyContext,
+    LegacyStrategy,
+    SecAggPlusWorkflow,
+    WorkflowKey,
+    arrayrecord_to_parameters,
+    parameters_to_ndarrays,
+)
 from common.privacy import SECAGG_ARRAY_NAMES
 
 CLIPPING_RANGE = 8.0  # SecAgg+'s default: weights are clipped to ±8 before quantisation
@@ -112,7 +119,7 @@ class SecureGrid(Grid):
         context = LegacyContext(Context(run_id=self._grid.run.run_id, node_id=0, node_config={},
                                         state=RecordDict(), run_config={}), strategy=relay)
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-            {Key.CURRENT_ROUND: int(messages[0].content["config"]["server-round"])})
+            {WorkflowKey.CURRENT_ROUND: int(messages[0].content["config"]["server-round"])})
         context.state.array_records[MAIN_PARAMS_RECORD] = messages[0].content["arrays"]
         self._in_workflow = True  # the workflow's own train messages (its four stages) go straight through
         try:

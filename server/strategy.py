@@ -14,7 +14,7 @@ strategies: coordinate-wise median, trimmed mean, Krum, Multi-Krum, Bulyan. The 
 - keeps per-round bookkeeping (counts, mean train loss, clients' ε, norms) for metrics.jsonl.
 
 Flower's strategies aggregate a list of every reply of the round: memory grows with the clients
-(22,000 Beauty clients would hold about 70 GB of weights). When the aggregation is plain FedAvg
+(22,000 Beauty clients would hold about 36 GB of weights). When the aggregation is plain FedAvg
 and the norm bound is known before the replies (`max-update-norm`, or no bound), the guard
 instead folds each reply into a running weighted sum as the grid hands it over, so memory stays
 flat however many clients a round samples. The median-derived bound needs every update of the
@@ -23,7 +23,6 @@ round before it can judge any, so it keeps the list.
 
 from __future__ import annotations
 
-import random
 import statistics
 from collections.abc import Iterable
 from typing import Any
@@ -34,7 +33,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from common.config import Config
-from common.privacy import weight_key
+from common.flower_compat import cast_like, seed_flower_sampler
+from common.replies import ARRAYS, TrainMetrics, weight_key
 from server import central_dp
 
 
@@ -85,7 +85,7 @@ class GuardedStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        random.seed(f"{self.seed}/train/{server_round}")
+        seed_flower_sampler(f"{self.seed}/train/{server_round}")
         self.reference = arrays
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.rounds[server_round] = {"sampled": len(messages)}
@@ -98,36 +98,52 @@ class GuardedStrategy(Strategy):
         streaming = self.streams()
         bound = self._norm_bound([]) if streaming else None
         total = _WeightedSum(self.inner.weighted_by_key) if streaming else None
-        replied, failed, declined, rejected, valid, epsilons = 0, 0, 0, dict.fromkeys(REJECTIONS, 0), [], {}
-        norms, losses = [], []
+        replied, failed, declined, rejected, epsilons = 0, 0, 0, dict.fromkeys(REJECTIONS, 0), {}
+        norms: list[float] = []
+        valid: list[Message] = []  # checked and within the bound, or (list path) awaiting the bound
+        pending: list[Message] = []  # passed the cheap checks, not yet deserialised
+
+        def inspect(batch: list[Message]) -> None:
+            stacks, finite, batch_norms = _inspect(batch, self.reference)
+            rejected["nonfinite"] += int((~finite).sum())
+            kept = [i for i in range(len(batch)) if finite[i]]
+            norms.extend(batch_norms[kept].tolist())
+            if total is None:
+                valid.extend(batch[i] for i in kept)
+                return
+            within = [i for i in kept if batch_norms[i] <= bound]
+            rejected["norm"] += len(kept) - len(within)
+            total.add(stacks, [TrainMetrics.of(batch[i]) for i in within], within)
+            valid.extend(batch[i] for i in within)
+
         for reply in replies:
             replied += 1
             kind = self._triage(reply)
             if kind == "failed":
                 failed += 1
                 continue
-            metrics = reply.content.metric_records.get("metrics", {})
-            if "epsilon" in metrics:  # spent whatever happens to the update next
-                epsilons[reply.metadata.src_node_id] = float(metrics["epsilon"])
+            metrics = TrainMetrics.of(reply)
+            if metrics is not None:  # spent whatever happens to the update next
+                epsilons[reply.metadata.src_node_id] = metrics.epsilon
             if kind == "declined":
                 declined += 1
             elif kind in rejected:
                 rejected[kind] += 1
             else:
-                norms.append(_update_norm(reply.content["arrays"], self.reference))
-                if total is None:
-                    valid.append(reply)
-                elif norms[-1] <= bound:
-                    total.add(reply.content)
-                    losses.append(float(metrics["train-loss"]))
-                else:
-                    rejected["norm"] += 1
+                pending.append(reply)
+                if len(pending) == FOLD_BATCH:
+                    inspect(pending)
+                    pending = []
+        if pending:
+            inspect(pending)
         failed += max(book["sampled"] - replied, 0)  # no reply within the round's timeout
         if total is None:
             bound = self._norm_bound(norms)
             usable = [r for r, n in zip(valid, norms, strict=True) if n <= bound]
             rejected["norm"] = len(valid) - len(usable)
-            losses = [float(r.content["metrics"]["train-loss"]) for r in usable]
+        else:
+            usable = valid
+        losses = [TrainMetrics.of(r).train_loss for r in usable]
         book.update(failed=failed, declined=declined, rejected=sum(rejected.values()),
                     rejected_by={k: v for k, v in rejected.items() if v},
                     trained=len(losses), replied=len(losses) + declined + sum(rejected.values()),
@@ -141,7 +157,7 @@ class GuardedStrategy(Strategy):
             return None, None
         book["aggregated"] = True
         arrays, metrics = total.result() if total is not None else self.inner.aggregate_train(server_round, usable)
-        return _cast_like(arrays, self.reference), metrics
+        return cast_like(arrays, self.reference), metrics
 
     def streams(self) -> bool:
         """Whether replies are aggregated as they arrive (plain FedAvg, bound known beforehand)."""
@@ -158,7 +174,7 @@ class GuardedStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        random.seed(f"{self.seed}/evaluate/{server_round}")
+        seed_flower_sampler(f"{self.seed}/evaluate/{server_round}")
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -169,22 +185,38 @@ class GuardedStrategy(Strategy):
         return metrics
 
     def _triage(self, reply: Message) -> str:
-        """failed (error reply), declined (budget), valid, or the reason it is rejected (`REJECTIONS`)."""
+        """failed (error reply), declined (budget), valid, or the reason it is rejected (`REJECTIONS`).
+        Only what needs no deserialising: finite values and norms are `_inspect`'s, in batches."""
         if reply.has_error():
             return "failed"
-        content = reply.content
-        if "metrics" in content and int(content["metrics"].get("declined", 0)) == 1:
+        if TrainMetrics.declines(reply):
             return "declined"
-        problem = _mismatch(content.array_records.get("arrays"), self.reference)
+        problem = _mismatch(reply.content.array_records.get(ARRAYS), self.reference)
         if problem:
             return problem
-        if "metrics" not in content or not all(k in content["metrics"] for k in ("num-examples", "train-loss", "epsilon")):
-            return "metrics"
-        return "valid"
+        return "metrics" if TrainMetrics.of(reply) is None else "valid"
+
+
+FOLD_BATCH = 32  # replies deserialised, checked and folded together
+
+
+def _inspect(batch: list[Message], reference: ArrayRecord) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Each key's arrays of the batch stacked (K, *shape), deserialised once; whether each reply
+    is finite everywhere; each update's L2 norm over all weights (in float64)."""
+    stacks = {key: np.stack([reply.content[ARRAYS][key].numpy() for reply in batch]) for key in reference.keys()}
+    finite = np.ones(len(batch), dtype=bool)
+    squared = np.zeros(len(batch))
+    for key, stack in stacks.items():
+        flat = stack.reshape(len(batch), -1)
+        finite &= np.isfinite(flat).all(1)
+        update = flat - reference[key].numpy().reshape(1, -1)
+        squared += np.einsum("ij,ij->i", update, update, dtype=np.float64)
+    return stacks, finite, np.sqrt(np.where(finite, squared, np.inf))
 
 
 class _WeightedSum:
-    """FedAvg's weighted mean of the replies' arrays and metrics, one reply at a time (in float64)."""
+    """FedAvg's weighted mean of the replies' arrays and metrics, a batch of replies at a time:
+    one weighted sum over the stacked batch per array (in float64)."""
 
     def __init__(self, weight_key: str) -> None:
         self.weight_key = weight_key
@@ -192,28 +224,23 @@ class _WeightedSum:
         self.arrays: dict[str, np.ndarray] = {}
         self.metrics: dict[str, float] = {}
 
-    def add(self, content: Any) -> None:
-        metrics = content["metrics"]
-        weight = float(metrics[self.weight_key])
-        self.weight += weight
-        for key, array in content["arrays"].items():
-            self.arrays.setdefault(key, np.zeros(array.shape))
-            self.arrays[key] += array.numpy() * weight
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)):
+    def add(self, stacks: dict[str, np.ndarray], metrics: list[TrainMetrics], rows: list[int]) -> None:
+        """Fold rows `rows` of the stacked batch, whose replies' metrics are `metrics`."""
+        if not rows:
+            return
+        records = [m.to_record() for m in metrics]
+        weights = np.array([float(r[self.weight_key]) for r in records])
+        self.weight += float(weights.sum())
+        for key, stack in stacks.items():
+            self.arrays.setdefault(key, np.zeros(stack.shape[1:]))
+            self.arrays[key] += np.einsum("k,k...->...", weights, stack[rows], dtype=np.float64)
+        for record, weight in zip(records, weights, strict=True):
+            for key, value in record.items():
                 self.metrics[key] = self.metrics.get(key, 0.0) + float(value) * weight
 
     def result(self) -> tuple[ArrayRecord, MetricRecord]:
         arrays = ArrayRecord({k: Array(v / self.weight) for k, v in self.arrays.items()})  # cast by the caller
         return arrays, MetricRecord({k: v / self.weight for k, v in self.metrics.items()})
-
-
-def _cast_like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
-    """The aggregate in the global model's dtypes: flwr 1.42's FedAdam returns float64 (NumPy
-    promotes its float64 step size), which the next round's replies, float32, would not match."""
-    if arrays is None or all(arrays[k].dtype == reference[k].dtype for k in reference.keys()):
-        return arrays
-    return ArrayRecord({k: Array(arrays[k].numpy().astype(reference[k].numpy().dtype)) for k in arrays.keys()})
 
 
 def _mismatch(arrays: ArrayRecord | None, reference: ArrayRecord | None) -> str:
@@ -226,12 +253,4 @@ def _mismatch(arrays: ArrayRecord | None, reference: ArrayRecord | None) -> str:
             return "shape"
         if got.dtype != ref.dtype:
             return "dtype"
-    if not all(np.isfinite(arrays[key].numpy()).all() for key in arrays.keys()):
-        return "nonfinite"
     return ""
-
-
-def _update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
-    """L2 norm of the update, all weights together, in float64."""
-    return float(np.sqrt(sum(np.sum((arrays[k].numpy().astype(np.float64) - reference[k].numpy()) ** 2)
-                             for k in reference.keys())))

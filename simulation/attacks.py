@@ -17,10 +17,11 @@ Deployed clients run fedrec's ClientApp only: attacks exist in simulation and no
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from client.training import train
@@ -28,9 +29,10 @@ from common.config import Config
 from common.dataset import item_index
 from common.federation import client_data, federation
 from common.model import build_model
-from common.privacy import UNIT_WEIGHT
+from common.replies import ARRAYS, TrainMetrics, train_reply
 
 ClientCall = Callable[..., Message]
+log = logging.getLogger("fedrec")
 
 
 def malicious_partitions(cfg: Config, num_clients: int) -> frozenset[int]:
@@ -47,18 +49,21 @@ def with_attackers(client_app: ClientApp, cfg: Config, num_clients: int) -> Clie
     if not malicious:
         return client_app
     target = item_index(federation(cfg).data, cfg.target_item) if cfg.attack == "target" else 0
+    if cfg.attack == "target":
+        log.info("attack simulator: the %d malicious clients train on fake sequences one message at a time, "
+                 "outside the batched cohort", len(malicious))
 
     def call(message: Message, context: Context) -> Message:
         partition = int(context.node_config["partition-id"])
         if partition not in malicious or message.metadata.message_type != MessageType.TRAIN:
             return client_app(message=message, context=context)
-        start = {k: message.content["arrays"][k].numpy() for k in message.content["arrays"].keys()}
+        start = {k: message.content[ARRAYS][k].numpy() for k in message.content[ARRAYS].keys()}
         reply = _fake_training(cfg, message, partition, target) if cfg.attack == "target" else client_app(message=message, context=context)
-        if reply.has_error() or "arrays" not in reply.content:
+        if reply.has_error() or ARRAYS not in reply.content:
             return reply
-        update = {k: reply.content["arrays"][k].numpy() - start[k] for k in start}
+        update = {k: reply.content[ARRAYS][k].numpy() - start[k] for k in start}
         poisoned = _poison(cfg, update, np.random.default_rng([cfg.seed, partition, int(message.content["config"]["server-round"])]))
-        reply.content["arrays"] = ArrayRecord({k: Array((start[k] + poisoned[k]).astype(start[k].dtype)) for k in start})
+        reply.content[ARRAYS] = ArrayRecord({k: Array((start[k] + poisoned[k]).astype(start[k].dtype)) for k in start})
         return reply
 
     return call
@@ -84,8 +89,7 @@ def _fake_training(cfg: Config, message: Message, partition: int, target: int) -
     windows = data.windows.copy()
     windows[:, 1::2] = np.where(windows[:, 1::2] > 0, target, 0)
     model = build_model(cfg, data.num_items)
-    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(message.content[ARRAYS].to_torch_state_dict())
     result = train(model, windows, dataclasses.replace(cfg, dp=False), epochs=cfg.local_epochs, seed=partition)
-    metrics = {"num-examples": len(windows), "train-loss": result.loss, "declined": 0, "epsilon": 0.0, UNIT_WEIGHT: 1}
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}),
-                   reply_to=message)
+    return train_reply(message, ArrayRecord(model.state_dict()),
+                       TrainMetrics(num_examples=len(windows), train_loss=result.loss, epsilon=0.0))

@@ -38,21 +38,20 @@ builds a brand-new (non-reply) `Message` gets the SuperLink as its source; repli
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any
 from uuid import uuid4
 
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict, UserConfig, UserConfigValue
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict, UserConfig, UserConfigValue
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, Status
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run, RunStatus
-from flwr.supercore.task_identity import TaskIdentity
+
+from client.cohort import run_together
+from common.flower_compat import SUPERLINK_NODE_ID, ErrorCode, Run, make_run, server_task_identity, set_message_id
 
 __all__ = [
     "NODE_ID_OFFSET",
@@ -68,7 +67,7 @@ NODE_ID_OFFSET = 1_000_000
 """Node ``NODE_ID_OFFSET + i`` is partition ``i``; the offset keeps clear of the SuperLink (1)."""
 
 DEFAULT_RUN_ID = 1
-_SERVER_TASK_ID = 1  # run_simulation uses the same dummy task id for its in-memory ServerApp
+COHORT_SIZE = 128  # train messages handled together; client.training bounds the memory of each batch
 
 NodeConfigFn = Callable[[int], UserConfig]
 RunConfig = Mapping[str, UserConfigValue]
@@ -77,43 +76,6 @@ RunConfig = Mapping[str, UserConfigValue]
 def default_node_config(num_nodes: int) -> NodeConfigFn:
     """Return the node_config Flower's simulation gives partition ``i``."""
     return lambda i: {"partition-id": i, "num-partitions": num_nodes}
-
-
-# --- Flower internals. Everything below touches objects that are not public API in 1.42;
-# --- tests/simulation/test_grid.py::test_flower_internals checks each one.
-
-
-def _make_run(run_id: int, run_config: RunConfig) -> Run:
-    """A `Run` as a SuperLink would hand to the ServerApp (no FAB: the apps are in memory)."""
-    run = Run.create_empty(run_id=run_id)
-    run.override_config = dict(run_config)
-    run.primary_task_id = _SERVER_TASK_ID
-    run.status = RunStatus(status=Status.RUNNING, sub_status="", details="")
-    return run
-
-
-def _set_message_id(message: Message, message_id: str) -> None:
-    """Assign a message id the way Flower's own grids do (there is no public setter)."""
-    message.metadata.__dict__["_message_id"] = message_id
-
-
-@contextmanager
-def _server_task_identity(run_id: int) -> Iterator[None]:
-    """Act as the SuperLink's ServerApp task while inside the block.
-
-    ``Message(content, dst_node_id, message_type)`` (how every strategy builds instructions)
-    reads run_id, src_node_id and src_task_id from the process-global `TaskIdentity`;
-    `flwr-serverapp` and `run_simulation` set it before calling the ServerApp. The previous
-    values are restored so two in-process runs do not leak into each other.
-    """
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id = _SERVER_TASK_ID
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    try:
-        yield
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 # --- The Grid.
@@ -133,8 +95,10 @@ class InProcessGrid(Grid):
     run_config : the Flower run config, given to the ServerApp and to every ClientApp call.
     node_config_fn : maps a partition index to that node's ``node_config``; defaults to
         Flower's ``{"partition-id": i, "num-partitions": num_nodes}``.
-    max_workers : >1 runs different nodes' messages on a thread pool (one node's messages stay
-        in order on one thread). Useful when the ClientApp releases the GIL (torch).
+    cohort_size : train messages are handled this many at a time, each ClientApp call in a
+        thread of its own, and the local trainings they reach run as one batch
+        (`client.cohort.run_together`); one node's messages stay in order on one thread. 1 calls
+        the ClientApp one message at a time.
     run_id : the run id used in every Context and Message.
     """
 
@@ -145,21 +109,21 @@ class InProcessGrid(Grid):
         run_config: RunConfig,
         node_config_fn: NodeConfigFn | None = None,
         *,
-        max_workers: int = 1,
+        cohort_size: int = COHORT_SIZE,
         run_id: int = DEFAULT_RUN_ID,
     ) -> None:
-        if num_nodes < 1 or max_workers < 1:
-            raise ValueError("num_nodes and max_workers must be at least 1")
+        if num_nodes < 1 or cohort_size < 1:
+            raise ValueError("num_nodes and cohort_size must be at least 1")
         self._client_app = client_app
         self._num_nodes = num_nodes
         self._run_config: UserConfig = dict(run_config)
         self._node_config_fn = node_config_fn or default_node_config(num_nodes)
-        self._max_workers = max_workers
+        self._cohort_size = cohort_size
         self._states: dict[int, RecordDict] = {}  # node_id -> Context.state, lazily
         self._pending: dict[str, Message] = {}  # pushed, not yet delivered
         self._replies: dict[str, Message] = {}  # instruction id -> reply, not yet pulled
         self._run: Run | None = None
-        self.set_run(_make_run(run_id, self._run_config))
+        self.set_run(make_run(run_id, self._run_config))
 
     # Node ids <-> partitions.
 
@@ -242,7 +206,7 @@ class InProcessGrid(Grid):
                 log.error("Message refused: %s", problem)
                 continue
             message_id = str(uuid4())
-            _set_message_id(message, message_id)
+            set_message_id(message, message_id)
             self._pending[message_id] = message
             ids.append(message_id)
         return ids
@@ -280,7 +244,7 @@ class InProcessGrid(Grid):
         return self._replies_to(message_ids, timeout)
 
     def _replies_to(self, message_ids: list[str], timeout: float | None) -> Iterator[Message]:
-        for batch in _batches(message_ids, self._max_workers):
+        for batch in _batches(message_ids, self._cohort_size):
             self._deliver(batch, timeout=timeout)
             yield from (self._replies.pop(i) for i in batch if i in self._replies)
 
@@ -295,11 +259,10 @@ class InProcessGrid(Grid):
         if not by_node:
             return
         groups = list(by_node.values())
-        if self._max_workers == 1 or len(groups) == 1:
-            results = [self._handle_node(group) for group in groups]
+        if all(m.metadata.message_type == MessageType.TRAIN for group in groups for m in group):
+            results = run_together([functools.partial(self._handle_node, group) for group in groups])
         else:
-            with ThreadPoolExecutor(max_workers=min(self._max_workers, len(groups))) as pool:
-                results = list(pool.map(self._handle_node, groups))
+            results = [self._handle_node(group) for group in groups]
         for message, reply, seconds in (item for result in results for item in result):
             if timeout is not None and seconds > timeout:
                 log.warning("Dropping reply from node %d: took %.2f s, timeout %.2f s",
@@ -336,12 +299,12 @@ class InProcessGrid(Grid):
             )
         seconds = time.perf_counter() - started
         self._states[node_id] = context.state
-        _set_message_id(reply, str(uuid4()))
+        set_message_id(reply, str(uuid4()))
         return reply, seconds
 
 
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:
-    """`size` at a time: one message per worker thread, then their replies go out."""
+    """`size` at a time: one cohort, then its replies go out."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
@@ -377,7 +340,7 @@ def run_server_app(server_app: ServerApp, grid: InProcessGrid) -> Context:
         state=RecordDict(),
         run_config=dict(run.override_config),
     )
-    with _server_task_identity(run.run_id):
+    with server_task_identity(run.run_id):
         server_app(grid=grid, context=context)
     return context
 
@@ -389,10 +352,10 @@ def run_in_process(  # noqa: PLR0913 - all are plain settings
     num_nodes: int,
     run_config: RunConfig,
     node_config_fn: NodeConfigFn | None = None,
-    max_workers: int = 1,
+    cohort_size: int = COHORT_SIZE,
     run_id: int = DEFAULT_RUN_ID,
 ) -> Context:
     """Run a ServerApp and a ClientApp together in this process; return the server Context."""
     grid = InProcessGrid(client_app, num_nodes, run_config, node_config_fn,
-                         max_workers=max_workers, run_id=run_id)
+                         cohort_size=cohort_size, run_id=run_id)
     return run_server_app(server_app, grid)

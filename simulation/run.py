@@ -16,17 +16,18 @@ from common.config import Config
 from common.federation import federation
 from server.server_app import app as server_app, show_progress
 from simulation.attacks import with_attackers
-from simulation.grid import InProcessGrid, run_server_app
+from simulation.grid import COHORT_SIZE, InProcessGrid, run_server_app
 
 
-def simulate(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
-    """Run the federated training the run config describes; return summary.json's content."""
+def simulate(cfg: Config, *, quiet: bool = False, cohort_size: int = COHORT_SIZE) -> dict[str, Any]:
+    """Run the federated training the run config describes; return summary.json's content.
+    `cohort_size`: train messages whose local training runs as one batch (1: one at a time)."""
     if not cfg.out_dir:
         raise artifacts.OutputExistsError("a simulation needs an output folder (--out)")
     logging.getLogger("flwr").setLevel(logging.WARNING)  # fedrec prints its own line per round
     show_progress(not quiet)
     clients = len(federation(cfg).clients)
-    grid = InProcessGrid(with_attackers(client_app, cfg, clients), clients, cfg.to_run_config())
+    grid = InProcessGrid(with_attackers(client_app, cfg, clients), clients, cfg.to_run_config(), cohort_size=cohort_size)
     run_server_app(server_app, grid)
     out = Path(cfg.out_dir)
     _copy_ledgers(grid, out / artifacts.LEDGERS)

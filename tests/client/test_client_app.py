@@ -25,9 +25,10 @@ from client.client_app import LEDGER, app
 from client.training import batches_per_epoch
 from common.config import Config
 from common.federation import client_data, federation
+from common.flower_compat import server_task_identity, set_message_id
 from common.model import build_model
 from common.privacy import Ledger
-from simulation.grid import InProcessGrid, _server_task_identity, _set_message_id, default_node_config
+from simulation.grid import InProcessGrid, default_node_config
 
 TINY: dict[str, Any] = {
     "synthetic-users": 40, "synthetic-items": 30, "synthetic-groups": 3, "synthetic-min-len": 8,
@@ -48,12 +49,12 @@ def initial_arrays(run_config: dict[str, Any]) -> ArrayRecord:
 def instruction(node_id: int, kind: str, arrays: ArrayRecord, server_round: int) -> Message:
     """A message as FedAvg sends it, from the SuperLink's ServerApp task."""
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
-    with _server_task_identity(RUN_ID):
+    with server_task_identity(RUN_ID):
         return Message(content, node_id, kind)
 
 
 def send(grid: InProcessGrid, partition: int, kind: str, arrays: ArrayRecord, server_round: int = 1) -> Message:
-    with _server_task_identity(RUN_ID):
+    with server_task_identity(RUN_ID):
         replies = list(grid.send_and_receive([instruction(grid.node_id_of(partition), kind, arrays, server_round)]))
     assert len(replies) == 1
     return replies[0]
@@ -62,8 +63,8 @@ def send(grid: InProcessGrid, partition: int, kind: str, arrays: ArrayRecord, se
 def call(context: Context, kind: str, arrays: ArrayRecord, server_round: int) -> Message:
     """What a SuperNode does: hand the ClientApp a message and the node's Context."""
     message = instruction(context.node_id, kind, arrays, server_round)
-    _set_message_id(message, str(uuid4()))
-    with _server_task_identity(RUN_ID):
+    set_message_id(message, str(uuid4()))
+    with server_task_identity(RUN_ID):
         return app(message=message, context=context)
 
 

@@ -6,9 +6,9 @@ from opacus.accountants import PRVAccountant
 from opacus.optimizers import DPOptimizer
 
 import client.training
-from client.training import noise_multiplier_for, private_gradients, train
+from client.training import ClientJob, _Cohort, batches_per_epoch, noise_multiplier_for, train
 from common.config import Config
-from common.model import AttentionLSTM, window_loss
+from common.model import AttentionLSTM, window_loss, window_losses
 
 N = 40
 
@@ -86,7 +86,7 @@ def _opacus_gradients(model, batch, max_grad_norm, noise_multiplier, expected_ba
     net = GradSampleModule(model, loss_reduction="mean")
     optimizer = DPOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), noise_multiplier=noise_multiplier,
                             max_grad_norm=max_grad_norm, expected_batch_size=expected_batch, generator=generator)
-    window_loss(net, batch).backward()
+    window_losses(net, batch, select=False).mean().backward()  # every position scored: Opacus's hooks need (B, L, ·)
     optimizer.pre_step()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     net.to_standard_module()
@@ -94,34 +94,48 @@ def _opacus_gradients(model, batch, max_grad_norm, noise_multiplier, expected_ba
     return grads
 
 
-# vmap in chunks (the last of one window), vmap, plain autograd window by window, one window
-@pytest.mark.parametrize("windows,chunk,one_by_one", [(7, 3, 1), (7, 32, 1), (7, 32, 8), (1, 32, 8)])
+def _cohort_gradients(model, batches, cfg, noise_multiplier, seeds, shared=True):
+    """fedrec's DP step for several clients at once, each client's batch its whole windows."""
+    jobs = [ClientJob(b.numpy(), seed, noise_multiplier) for b, seed in zip(batches, seeds)]
+    cohort = _Cohort(model, jobs, cfg)
+    cohort._step([torch.arange(len(b)) for b in batches], shared=shared)
+    return cohort, [{name: p.grad[c] for name, p in cohort.params.items()} for c in range(len(jobs))]
+
+
+# parts of about 3 windows, one part; one window; two clients side by side,
+# sharing the starting weights (one vmap) or each through its own weights (gathered)
+@pytest.mark.parametrize("sizes,chunk,shared", [((7,), 40_000, True), ((7,), 10**9, True), ((1,), 10**9, True),
+                                                 ((7, 8), 40_000, True), ((7, 8), 10**9, False)])
 @pytest.mark.parametrize("noise_multiplier", [0.0, 1.3])
-def test_private_gradients_equal_opacus(monkeypatch, windows, chunk, one_by_one, noise_multiplier):
-    """Clipped, summed, noised (same seeded noise) and scaled exactly as Opacus does it."""
-    monkeypatch.setattr(client.training, "PER_SAMPLE_CHUNK", chunk)
-    monkeypatch.setattr(client.training, "ONE_BY_ONE", one_by_one)
-    batch = torch.from_numpy(_windows()[1:1 + windows])  # windows 4 (padded) and 1..3, 5..7
+def test_private_gradients_equal_opacus(monkeypatch, cfg, sizes, chunk, shared, noise_multiplier):
+    """Clipped, summed, noised (same seeded noise) and scaled exactly as Opacus does it, per client."""
+    monkeypatch.setattr(client.training, "PER_SAMPLE_BYTES", chunk)
     clip = 0.05  # below every window's gradient norm here: clipping is active
-    ours, theirs = _model(), _model()
-    theirs.load_state_dict(ours.state_dict())
-    reference = _opacus_gradients(theirs, batch, clip, noise_multiplier, 5, torch.Generator().manual_seed(7))
-    loss = private_gradients(ours, batch, clip, noise_multiplier, 5, torch.Generator().manual_seed(7))
-    assert loss.item() == pytest.approx(window_loss(_model(), batch).item(), rel=1e-5)
-    assert ours.head.weight is ours.item_embedding.weight  # still tied
-    for name, p in ours.named_parameters():
-        assert torch.allclose(p.grad, reference[name], rtol=1e-4, atol=1e-6), name
+    cfg = Config.from_run_config({**cfg.to_run_config(), "max-grad-norm": clip, "batch-size": 3})
+    all_windows = _windows()
+    batches = [torch.from_numpy(all_windows[1 + 10 * c:1 + 10 * c + n]) for c, n in enumerate(sizes)]  # padded ones too
+    ours = _model()
+    cohort, grads = _cohort_gradients(ours, batches, cfg, noise_multiplier, seeds=[7 + c for c in range(len(sizes))],
+                                      shared=shared)
+    for c, batch in enumerate(batches):
+        theirs = _model()
+        expected_batch = int(len(batch) / batches_per_epoch(len(batch), 3))
+        reference = _opacus_gradients(theirs, batch, clip, noise_multiplier, expected_batch,
+                                      torch.Generator().manual_seed(7 + c))
+        for name, g in grads[c].items():
+            assert torch.allclose(g, reference[name], rtol=1e-4, atol=1e-6), (c, name)
+    assert ours.head.weight is ours.item_embedding.weight  # the model is untouched, still tied
     # it is clipping: unclipped, the same sum would be larger than `windows` x clip
     plain = _model()
-    window_loss(plain, batch).backward()
-    unclipped = torch.cat([p.grad.flatten() for p in plain.parameters()]).norm() * len(batch)
-    assert unclipped > len(batch) * clip
+    window_loss(plain, batches[0]).backward()
+    unclipped = torch.cat([p.grad.flatten() for p in plain.parameters()]).norm() * len(batches[0])
+    assert unclipped > len(batches[0]) * clip
 
 
-def test_private_gradients_of_an_empty_batch_are_noise_only():
+def test_private_gradients_of_an_empty_batch_are_noise_only(cfg):
     """Poisson sampling can draw no window: the step is noise alone, as in Opacus."""
     model = _model()
-    empty = torch.from_numpy(_windows()[:0])
-    private_gradients(model, empty, 1.0, 2.0, 4, torch.Generator().manual_seed(1))
+    cohort = _Cohort(model, [ClientJob(_windows()[:8], seed=1, noise_multiplier=2.0)], cfg)
+    cohort._step([torch.arange(0)], shared=True)
     expected = torch.normal(0.0, 2.0, size=model.item_embedding.weight.shape, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(model.item_embedding.weight.grad, expected / 4)
+    assert torch.allclose(cohort.params["item_embedding.weight"].grad[0], expected / 8)

@@ -304,3 +304,109 @@ def test_popularity_baseline_puts_every_slot_on_the_head():
     counts = np.array([0, 9, 8, 7, 1, 1, 1, 1, 1, 1, 1])
     m = evaluate_popularity(counts, np.array([1, 5, 6]), 10, ks=(2,), head=head_items(counts))
     assert m["head-share@2"] == 1.0 and m["coverage@2"] == pytest.approx(0.2)
+
+
+def reference_evaluation(model, inputs, lengths, targets, num_items, ks, mask_history, head, target):
+    """The metrics computed the plain way: one user at a time, padded to the full width, each
+    user's whole catalogue stable-sorted, every metric from its definition."""
+    ranks, lists = [], []
+    model.eval()
+    for user in range(len(targets)):
+        with torch.no_grad():
+            scores = model.last_scores(torch.as_tensor(inputs[user : user + 1]),
+                                       torch.as_tensor(lengths[user : user + 1]))[0].clone()
+        scores[0] = float("-inf")
+        if mask_history:
+            scores[torch.as_tensor(inputs[user][inputs[user] > 0])] = float("-inf")
+        order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+        recommendable = [item for item in order if scores[item] > float("-inf")]
+        ranks.append(recommendable.index(targets[user]) + 1 if targets[user] in recommendable else math.inf)
+        lists.append(recommendable)
+    users, expected = len(targets), {}
+    for k in ks:
+        hits = [rank <= k for rank in ranks]
+        expected[f"hr@{k}"] = sum(hits) / users
+        expected[f"ndcg@{k}"] = sum(1 / math.log2(r + 1) for r in ranks if r <= k) / users
+        expected[f"mrr@{k}"] = sum(1 / r for r in ranks if r <= k) / users
+        expected[f"precision@{k}"] = sum(hit / k for hit in hits) / users
+        expected[f"recall@{k}"] = sum(hits) / users
+        expected[f"f1@{k}"] = sum(2 * (1 / k) / (1 / k + 1) for hit in hits if hit) / users
+        counts = [0] * (num_items + 1)
+        for listed in lists:
+            for item in listed[:k]:
+                counts[item] += 1
+        counts, slots = counts[1:], sum(counts)
+        expected[f"coverage@{k}"] = sum(c > 0 for c in counts) / num_items
+        # Gini as the mean absolute difference over all pairs, over twice the mean.
+        expected[f"gini@{k}"] = sum(abs(a - b) for a in counts for b in counts) / (2 * num_items * slots)
+        expected[f"head-share@{k}"] = sum(c for c, h in zip(counts, head[1:].tolist()) if h) / slots
+        expected[f"target-exposure@{k}"] = sum(target in listed[:k] for listed in lists) / users
+    expected["users"] = float(users)
+    return expected
+
+
+def random_histories(users, num_items, max_len, seed):
+    """Right-padded histories of every length from 1 to max_len, in random order, and targets
+    (some of them also in their user's history)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_len + 1, users)
+    lengths[:3] = [1, max_len, max_len]
+    rng.shuffle(lengths)
+    inputs = np.zeros((users, max_len), dtype=np.int64)
+    for user, length in enumerate(lengths):
+        inputs[user, :length] = rng.integers(1, num_items + 1, length)
+    targets = rng.integers(1, num_items + 1, users)
+    repeat = rng.random(users) < 0.2
+    targets[repeat] = inputs[repeat, 0]
+    return inputs, lengths, targets
+
+
+@pytest.mark.parametrize("mask_history", [False, True])
+@pytest.mark.parametrize("ks", [(1, 3, 10), (2, 50)])  # 50: longer than the whole catalogue
+def test_evaluate_model_equals_the_reference_user_by_user(mask_history, ks):
+    """Batched, shortest first and cut to each batch's longest history, the evaluation still
+    gives exactly the metrics of scoring users one at a time at full width."""
+    from common.model import AttentionLSTM
+
+    num_items, max_len = 40, 12
+    torch.manual_seed(0)
+    model = AttentionLSTM(num_items, embedding_dim=8, hidden_dim=8)
+    inputs, lengths, targets = random_histories(70, num_items, max_len, seed=1)
+    head = head_items(torch.arange(num_items + 1) % 7)
+    lists = {"head": head, "target": int(targets[0])}
+    expected = reference_evaluation(model, inputs, lengths, targets, num_items, ks, mask_history, **lists)
+    for batch_size in (1, 9, 512):
+        result = evaluate_model(model, inputs, lengths, targets, num_items, batch_size=batch_size, ks=ks,
+                                mask_history=mask_history, **lists)
+        assert result.keys() == expected.keys()
+        assert result == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert any(0 < expected[f"hr@{k}"] < 1 for k in ks)  # neither all hits nor all misses
+
+
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_evaluate_model_on_tied_scores_equals_the_reference(mask_history):
+    # NextIdModel ties every item but one, so every top-K list is cut inside a tie.
+    inputs, lengths, targets = random_histories(50, 12, 6, seed=2)
+    head = head_items(torch.arange(13))
+    expected = reference_evaluation(NextIdModel(12), inputs, lengths, targets, 12, (1, 5, 10), mask_history, head, 3)
+    result = evaluate_model(NextIdModel(12), inputs, lengths, targets, 12, batch_size=8, ks=(1, 5, 10),
+                            mask_history=mask_history, head=head, target=3)
+    assert result == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_accumulated_metrics_do_not_depend_on_the_order_of_users():
+    generator = torch.Generator().manual_seed(4)
+    scores = torch.randn(40, 26, generator=generator).round(decimals=1)  # many ties
+    targets = torch.randint(1, 26, (40,), generator=generator)
+    history = torch.randint(0, 26, (40, 5), generator=generator)
+    head = head_items(torch.arange(26))
+
+    def evaluate(order, size):
+        accumulator = RankingAccumulator(25, (1, 5, 10), True, head=head, target=7)
+        for start in range(0, 40, size):
+            rows = order[start : start + size]
+            accumulator.add(scores[rows], targets[rows], history[rows])
+        return accumulator.result()
+
+    in_order = evaluate(torch.arange(40), 40)
+    assert evaluate(torch.randperm(40, generator=generator), 7) == in_order  # exactly, not approximately

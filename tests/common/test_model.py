@@ -4,7 +4,8 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.model import AttentionLSTM, recommend, window_loss
+from common.errors import DataError
+from common.model import AttentionLSTM, recommend, window_loss, window_losses
 
 N = 30
 
@@ -83,7 +84,7 @@ def test_per_window_gradients_match_single_window_gradients(model):
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=DataLoader(TensorDataset(windows), batch_size=3), noise_multiplier=1.0,
         max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="hooks")
-    window_loss(wrapped, windows).backward()
+    window_losses(wrapped, windows, select=False).mean().backward()  # Opacus's hooks need every position's scores
     for name, p in model.named_parameters():
         for i in range(3):
             assert torch.allclose(p.grad_sample[i], expected[i][name], atol=1e-5), name
@@ -108,3 +109,72 @@ def test_recommend_never_returns_padding_and_explains(model):
     assert len(top) == N and 0 not in top and sorted(top) == list(range(1, N + 1))
     assert scores == sorted(scores, reverse=True)
     assert len(attention) == 3 and abs(sum(attention) - 1) < 1e-6
+
+
+def test_tied_state_dict_holds_the_embedding_once():
+    tied = AttentionLSTM(N, embedding_dim=8, hidden_dim=12).state_dict()
+    assert "item_embedding.weight" in tied and "head.weight" not in tied
+    untied = AttentionLSTM(N, embedding_dim=8, hidden_dim=12, tie_weights=False).state_dict()
+    assert {"item_embedding.weight", "head.weight"} <= set(untied)
+    assert not torch.equal(untied["head.weight"], untied["item_embedding.weight"])
+    AttentionLSTM(N, embedding_dim=8, hidden_dim=12, tie_weights=False).load_state_dict(untied)
+
+
+def test_weights_stay_tied_through_a_message_round_trip(model, items):
+    """Server -> client -> server as Flower carries them: an ArrayRecord in a Message, copied on delivery."""
+    import copy
+
+    from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+
+    from common.flower_compat import server_task_identity
+
+    with server_task_identity(run_id=1):
+        instruction = Message(RecordDict({"arrays": ArrayRecord(model.state_dict())}), 100, MessageType.TRAIN)
+    client = AttentionLSTM(N, embedding_dim=8, hidden_dim=12, dropout=0.0)
+    client.load_state_dict(copy.deepcopy(instruction).content["arrays"].to_torch_state_dict())
+    assert client.head.weight is client.item_embedding.weight
+    optimizer = torch.optim.SGD(client.parameters(), lr=0.5)
+    window_loss(client, torch.randint(1, N + 1, (4, 6))).backward()
+    optimizer.step()
+    reply = ArrayRecord(client.state_dict())
+    assert list(reply.keys()) == list(instruction.content["arrays"].keys()) and "head.weight" not in reply
+
+    server = AttentionLSTM(N, embedding_dim=8, hidden_dim=12, dropout=0.0).eval()
+    server.load_state_dict(reply.to_torch_state_dict())
+    assert server.head.weight is server.item_embedding.weight
+    assert torch.equal(server.head.weight, client.item_embedding.weight)
+    x, lengths = items
+    assert torch.equal(server.last_scores(x, lengths), client.eval().last_scores(x, lengths))
+
+
+def test_an_older_state_dict_with_an_equal_head_loads(model):
+    old = {**model.state_dict(), "head.weight": model.item_embedding.weight.detach().clone()}
+    fresh = AttentionLSTM(N, embedding_dim=8, hidden_dim=12)
+    fresh.load_state_dict(old)  # strict
+    assert fresh.head.weight is fresh.item_embedding.weight
+    assert torch.equal(fresh.item_embedding.weight, model.item_embedding.weight)
+    assert "head.weight" not in fresh.state_dict()
+
+
+def test_a_head_that_differs_from_the_embedding_is_refused(model):
+    untied = AttentionLSTM(N, embedding_dim=8, hidden_dim=12, tie_weights=False).state_dict()
+    with pytest.raises(DataError, match="head.weight differs from item_embedding.weight") as refused:
+        AttentionLSTM(N, embedding_dim=8, hidden_dim=12).load_state_dict(untied)
+    assert "\n" not in str(refused.value)
+
+
+def test_scoring_only_real_targets_gives_the_same_losses(model):
+    """Logits at real targets only (the training path) and at every position, padding ignored
+    (the old loss, and the one `vmap` computes) give the same per-window losses and gradients."""
+    torch.manual_seed(3)
+    windows = torch.randint(1, N + 1, (4, 7))
+    windows[1, 4:] = 0
+    windows[2, 2:] = 0
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    logits = model(inputs)
+    old = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0, reduction="none")
+    old = old.view_as(targets).sum(1) / (targets != 0).sum(1)
+    selected, everywhere = window_losses(model, windows), window_losses(model, windows, select=False)
+    assert torch.allclose(selected, old, atol=1e-6) and torch.allclose(everywhere, old, atol=1e-6)
+    grads = [torch.autograd.grad(losses.sum(), list(model.parameters())) for losses in (selected, everywhere)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -61,6 +61,16 @@ def test_train_then_recommend(monkeypatch, capsys, tmp_path):
     code, _, err = run(monkeypatch, capsys, "export", "--model", str(out))
     assert code == 2 and "already exists" in err
 
+    # The tied embedding is stored once; a model.pt from before, with an equal head.weight, still loads.
+    assert "head.weight" not in state
+    torch.save({**state, "head.weight": state["item_embedding.weight"]}, out / "model.pt")
+    code, stdout3, _ = run(monkeypatch, capsys, "recommend", "--model", str(out), "--history", "3,7,12", "-k", "5")
+    assert code == 0 and stdout3.strip() == top.strip()  # the same recommendations
+    torch.save({**state, "head.weight": state["item_embedding.weight"] + 1}, out / "model.pt")
+    code, _, err = run(monkeypatch, capsys, "recommend", "--model", str(out), "--history", "3,7,12")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: head.weight differs"), err
+
 
 def test_train_with_dp_reports_epsilon(monkeypatch, capsys, tmp_path):
     tiny_config(monkeypatch)

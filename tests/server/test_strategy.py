@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from common.replies import TrainMetrics, declined_reply
 from server.strategy import GuardedStrategy, make_strategy
 from simulation.grid import NODE_ID_OFFSET, InProcessGrid, run_server_app
 
@@ -35,8 +36,7 @@ def make_client_app(bad: tuple[int, ...] = BAD, *, declined_metrics: dict[str, A
     def train(msg: Message, context: Context) -> Message:
         pid = cast(int, context.node_config["partition-id"])
         w = msg.content["arrays"]["w"].numpy()
-        metrics = MetricRecord({"num-examples": pid + 1, "train-loss": 0.1 * pid, "epsilon": 0.5 * pid,
-                                "declined": 0})
+        metrics = TrainMetrics(num_examples=pid + 1, train_loss=0.1 * pid, epsilon=0.5 * pid).to_record()
         arrays = {"w": Array(w + (pid + 1))}
         if pid in bad:
             if pid == NAN:
@@ -50,9 +50,9 @@ def make_client_app(bad: tuple[int, ...] = BAD, *, declined_metrics: dict[str, A
             elif pid == BOOSTED:
                 arrays = {"w": Array(w + 100.0 * (pid + 1))}
             elif pid == DECLINES:
-                declined = declined_metrics if declined_metrics is not None else {
-                    "num-examples": 0, "declined": 1, "epsilon": 7.5}
-                return Message(RecordDict({"metrics": MetricRecord(declined),
+                if declined_metrics is None:
+                    return declined_reply(msg, 7.5, "privacy budget")
+                return Message(RecordDict({"metrics": MetricRecord(declined_metrics),
                                            "config": ConfigRecord({"reason": "privacy budget"})}), reply_to=msg)
         return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
 
@@ -143,7 +143,7 @@ def test_a_client_that_does_not_reply_in_time_counts_as_failed():
         if int(context.node_config["partition-id"]) == 0:
             time.sleep(0.5)
         arrays = {"w": Array(msg.content["arrays"]["w"].numpy() + 1.0)}
-        metrics = MetricRecord({"num-examples": 1, "train-loss": 0.1, "epsilon": 0.0})
+        metrics = TrainMetrics(num_examples=1, train_loss=0.1, epsilon=0.0).to_record()
         return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
 
     strategy = guarded()
@@ -185,7 +185,7 @@ def test_dtype_mismatch_and_missing_metrics_are_rejected():
     def train(msg: Message, context: Context) -> Message:
         pid = cast(int, context.node_config["partition-id"])
         w = msg.content["arrays"]["w"].numpy()
-        metrics = {"num-examples": 1, "train-loss": 0.0, "epsilon": 0.0}
+        metrics = dict(TrainMetrics(num_examples=1, train_loss=0.0, epsilon=0.0).to_record())
         if pid == 0:
             w = w.astype(np.float32)  # right shape, wrong dtype
         if pid == 1:
@@ -279,7 +279,7 @@ def test_every_robust_aggregation_runs_and_resists_one_outlier(aggregation):
         pid = cast(int, context.node_config["partition-id"])
         w = msg.content["arrays"]["w"].numpy()
         shift = 1000.0 if pid == 0 else 1.0 + 0.01 * pid
-        metrics = MetricRecord({"num-examples": 1, "train-loss": 0.0, "epsilon": 0.0})
+        metrics = TrainMetrics(num_examples=1, train_loss=0.0, epsilon=0.0).to_record()
         return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w + shift)}), "metrics": metrics}), reply_to=msg)
 
     cfg = Config.from_run_config({"aggregation": aggregation, "byzantine-fraction": 0.1, "fraction-train": 1.0,

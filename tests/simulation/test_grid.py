@@ -23,13 +23,10 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
-from simulation import grid as grid_module
+from common.flower_compat import SUPERLINK_NODE_ID, ErrorCode, server_task_identity
 from simulation.grid import NODE_ID_OFFSET, InProcessGrid, run_in_process, run_server_app
 
 STEP = 2.0
@@ -101,9 +98,9 @@ def node_ids(n: int) -> list[int]:
     return [NODE_ID_OFFSET + i for i in range(n)]
 
 
-@pytest.mark.parametrize("max_workers", [1, 4])
-def test_fedavg_matches_hand_computation_and_state_persists(max_workers: int) -> None:
-    grid = InProcessGrid(make_client_app(), 10, RUN_CONFIG, max_workers=max_workers)
+@pytest.mark.parametrize("cohort_size", [1, 4])
+def test_fedavg_matches_hand_computation_and_state_persists(cohort_size: int) -> None:
+    grid = InProcessGrid(make_client_app(), 10, RUN_CONFIG, cohort_size=cohort_size)
     context = run_server_app(make_server_app(), grid)
 
     np.testing.assert_allclose(final_w(context), fedavg_expected(list(range(10))))  # 42.0
@@ -209,34 +206,12 @@ def test_many_nodes_are_lazy() -> None:
     assert elapsed < 5.0
 
 
-def test_flower_internals() -> None:
-    """Fails loudly if a flwr upgrade changes the private pieces simulation/grid.py uses."""
-    # Grid: InProcessGrid implements every abstract method (else it cannot be instantiated).
-    missing = Grid.__abstractmethods__ - set(vars(InProcessGrid))
+def test_grid_contract() -> None:
+    """Fails loudly if a flwr upgrade adds to the Grid contract (the private pieces the grid uses are
+    pinned in tests/common/test_flower_compat.py)."""
+    missing = Grid.__abstractmethods__ - set(vars(InProcessGrid))  # else it cannot be instantiated
     assert not missing, f"flwr's Grid has new abstract methods: {missing}"
-
-    # TaskIdentity: private class attributes we save/restore, and Message() reading them.
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        assert hasattr(TaskIdentity, attr), f"TaskIdentity.{attr} is gone"
-    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    with grid_module._server_task_identity(run_id=42):
-        msg = Message(RecordDict(), NODE_ID_OFFSET, MessageType.TRAIN)
-    assert (msg.metadata.run_id, msg.metadata.src_node_id) == (42, SUPERLINK_NODE_ID)
-    assert msg.metadata.src_task_id == grid_module._SERVER_TASK_ID
-    assert (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id) == before
-
-    # Message ids are set through the metadata's private dict, as Flower's grids do.
-    grid_module._set_message_id(msg, "abc")
-    assert msg.metadata.message_id == "abc"
-
-    # Run: create_empty and the fields we fill; the Grid hands out copies.
-    run = grid_module._make_run(7, {"k": 1})
-    assert isinstance(run, Run) and (run.run_id, run.override_config) == (7, {"k": 1})
-    assert Run(**vars(run)) == run
-
-    # Node ids must not collide with the SuperLink's.
-    assert SUPERLINK_NODE_ID < NODE_ID_OFFSET
-
+    assert SUPERLINK_NODE_ID < NODE_ID_OFFSET  # node ids must not collide with the SuperLink's
 
 
 def test_reply_that_answers_nothing_becomes_error_reply() -> None:
@@ -260,7 +235,7 @@ def test_reply_that_answers_nothing_becomes_error_reply() -> None:
 
 
 def test_replies_are_computed_as_they_are_taken():
-    """send_and_receive is lazy: a strategy that aggregates as it goes holds one reply at a time."""
+    """send_and_receive is lazy: a strategy that aggregates as it goes holds one cohort's replies at a time."""
     calls: list[int] = []
     app = ClientApp()
 
@@ -269,10 +244,10 @@ def test_replies_are_computed_as_they_are_taken():
         calls.append(context.node_id)
         return Message(RecordDict(), reply_to=msg)
 
-    grid = InProcessGrid(app, 3, {})
-    with grid_module._server_task_identity(grid.run.run_id):
+    grid = InProcessGrid(app, 3, {}, cohort_size=2)
+    with server_task_identity(grid.run.run_id):
         replies = grid.send_and_receive([Message(RecordDict(), NODE_ID_OFFSET + i, "train") for i in range(3)])
         assert calls == []
         first = next(iter(replies))
-        assert calls == [NODE_ID_OFFSET] and first.metadata.src_node_id == NODE_ID_OFFSET
-        assert len(list(replies)) == 2 and calls == [NODE_ID_OFFSET + i for i in range(3)]
+        assert sorted(calls) == [NODE_ID_OFFSET, NODE_ID_OFFSET + 1] and first.metadata.src_node_id == NODE_ID_OFFSET
+        assert len(list(replies)) == 2 and sorted(calls) == [NODE_ID_OFFSET + i for i in range(3)]

@@ -51,7 +51,7 @@ def test_dp_run_reports_cumulative_epsilon(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    import server.server_app as server_app
+    from server import checkpoint
 
     settings = {**SMALL, "dp": True, "target-epsilon": 8.0, "local-epochs": 1, "num-server-rounds": 4,
                 "fraction-train": 0.5, "min-train-nodes": 1}
@@ -59,18 +59,18 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     simulate(Config.from_run_config({**settings, "out-dir": str(whole)}), quiet=True)
 
     cut = tmp_path / "cut"
-    original = server_app._checkpoint
+    original = checkpoint.save
 
     def crash_after_round_two(out, done, *args, **kwargs):
         original(out, done, *args, **kwargs)
         if done == 2:
             raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(server_app, "_checkpoint", crash_after_round_two)
+    monkeypatch.setattr(checkpoint, "save", crash_after_round_two)
     with pytest.raises(KeyboardInterrupt):
         simulate(Config.from_run_config({**settings, "out-dir": str(cut)}), quiet=True)
     assert not (cut / "summary.json").exists()
-    monkeypatch.setattr(server_app, "_checkpoint", original)
+    monkeypatch.setattr(checkpoint, "save", original)
     simulate(Config.from_run_config({**settings, "out-dir": str(cut), "resume": True}), quiet=True)
 
     a, b = (torch.load(d / "model.pt", weights_only=True) for d in (whole, cut))

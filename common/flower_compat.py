@@ -1,0 +1,153 @@
+"""Every use of Flower's private (non-public) API, in one place.
+
+fedrec relies on a few pieces of flwr 1.42 that are not part of its public API: run and task
+bookkeeping the in-process grid must fill in as a SuperLink would, FedAdam's moments for
+checkpoints, the global `random` module Flower samples nodes with, a dtype quirk of FedAdam, the
+parser `flwr run` reads `--run-config` with, and SecAgg+, which 1.42 ships for its legacy API
+only. Each is a small named function or re-export here, and tests/common/test_flower_compat.py
+pins every one, so a Flower upgrade that changes them fails there first rather than in a run.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, UserConfigValue
+from flwr.serverapp.strategy import Strategy
+
+# Runs, tasks and messages (simulation/grid.py); `Run` is also the type of `Grid.set_run`.
+from flwr.common import constant
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.supercore.run import Run, RunStatus
+from flwr.supercore.task_identity import TaskIdentity
+
+# `--run-config` parsed as `flwr run` parses it (fedrec/deploy.py).
+from flwr.common.config import parse_config_args
+
+# Legacy SecAgg+: server side (server/secagg.py) and client side (client/secagg.py).
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitIns, FitRes, Status, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggPlusKey
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+__all__ = [
+    "MAIN_CONFIGS_RECORD",
+    "MAIN_PARAMS_RECORD",
+    "RECORD_KEY_CONFIGS",
+    "RECORD_KEY_STATE",
+    "SERVER_OPTIMIZER_STATE",
+    "SERVER_TASK_ID",
+    "SUPERLINK_NODE_ID",
+    "Code",
+    "ErrorCode",
+    "FitIns",
+    "FitRes",
+    "GridClientProxy",
+    "LegacyContext",
+    "LegacyStrategy",
+    "Run",
+    "SecAggPlusKey",
+    "SecAggPlusWorkflow",
+    "Stage",
+    "Status",
+    "WorkflowKey",
+    "arrayrecord_to_parameters",
+    "cast_like",
+    "fitres_to_recorddict",
+    "make_run",
+    "parameters_to_ndarrays",
+    "parse_config_args",
+    "restore_server_optimizer",
+    "secaggplus_mod",
+    "seed_flower_sampler",
+    "server_optimizer_state",
+    "server_task_identity",
+    "set_message_id",
+]
+
+SERVER_TASK_ID = 1
+"""The ServerApp's task id; `run_simulation` uses the same dummy id for its in-memory ServerApp."""
+
+SERVER_OPTIMIZER_STATE = ("m_t", "v_t")
+"""FedAdam's (FedOpt's) moments: plain attributes, `None` until the first aggregation."""
+
+
+# --- Runs, tasks and messages, as a SuperLink sets them up (simulation/grid.py).
+
+
+def make_run(run_id: int, run_config: Mapping[str, UserConfigValue]) -> Run:
+    """A `Run` as a SuperLink would hand to the ServerApp (no FAB: the apps are in memory).
+
+    Relies on `Run.create_empty`, the fields set here and `flwr.common.constant.Status`.
+    """
+    run = Run.create_empty(run_id=run_id)
+    run.override_config = dict(run_config)
+    run.primary_task_id = SERVER_TASK_ID
+    run.status = RunStatus(status=constant.Status.RUNNING, sub_status="", details="")
+    return run
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Assign a message id the way Flower's own grids do: there is no public setter, so this
+    writes the metadata's private ``_message_id``."""
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+@contextmanager
+def server_task_identity(run_id: int) -> Iterator[None]:
+    """Act as the SuperLink's ServerApp task while inside the block.
+
+    ``Message(content, dst_node_id, message_type)`` (how every strategy builds instructions)
+    reads run_id, src_node_id and src_task_id from the process-global `TaskIdentity`;
+    `flwr-serverapp` and `run_simulation` set it before calling the ServerApp. The previous
+    values, its private ``_task_id``, ``_run_id`` and ``_node_id``, are restored so two
+    in-process runs do not leak into each other.
+    """
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id = SERVER_TASK_ID
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+# --- Strategies (server/strategy.py, server/checkpoint.py).
+
+
+def seed_flower_sampler(seed_text: str) -> None:
+    """Make the next node sampling reproducible: Flower's strategies sample with the global
+    `random` module (`flwr.serverapp.strategy.strategy_utils.sample_nodes`), and take no seed."""
+    random.seed(seed_text)
+
+
+def server_optimizer_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
+    """FedAdam's moments (`m_t`, `v_t`) by name, for a checkpoint; empty for other strategies
+    or before the first aggregation."""
+    return {name: dict(getattr(strategy, name)) for name in SERVER_OPTIMIZER_STATE if getattr(strategy, name, None)}
+
+
+def restore_server_optimizer(strategy: Strategy, state: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Give FedAdam back the moments `server_optimizer_state` took, so a resumed run steps on
+    exactly as the interrupted one would have."""
+    for name, values in state.items():
+        setattr(strategy, name, dict(values))
+
+
+def cast_like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
+    """The aggregate in the global model's dtypes: flwr 1.42's FedAdam returns float64 (NumPy
+    promotes its float64 step size), which the next round's replies, float32, would not match."""
+    if arrays is None or all(arrays[k].dtype == reference[k].dtype for k in reference.keys()):
+        return arrays
+    return ArrayRecord({k: Array(arrays[k].numpy().astype(reference[k].numpy().dtype)) for k in arrays.keys()})
