@@ -16,7 +16,7 @@ import sys
 from benchmarks.report import ROOT
 
 PARTS = ["centralized_ml100k", "federated_ml100k", "central_dp_ml100k", "canary_exposure", "robustness_ml100k",
-         "deploy_loopback", "speed", "scale_beauty", "privacy_utility"]
+         "deploy_loopback", "speed", "scale_beauty", "evaluation", "privacy_utility"]
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(tmp_path: Path) -> No
 
         status, output = _fedrec("run", "--superlink", address, *tls, "--dataset", "seq", "--data-dir",
                                  str(data / "server.txt"), "--out", str(out), "--rounds", "2", "--run-config", TRAINING,
-                                 env=env, log=tmp_path / "run.log", timeout=150)
+                                 env=env, log=tmp_path / "run.log", timeout=300)  # a bound against hangs: each message starts a process (issue 17)
         assert status == 0, output[-3000:]
     finally:
         for process in processes:
