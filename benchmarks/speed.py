@@ -202,16 +202,17 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     names = ["synthetic"] if args.smoke else args.datasets
+    with tempfile.TemporaryDirectory() as tmp:
+        # (2) and (3) first, while this process is small: a child's peak RSS counts what it inherited.
+        rounds, found = zip(*[round_against_epoch(name, Path(tmp)) for name in names]) if names and not args.profile \
+            else ((), ())
+        results = dict(zip(names, found))
+        peer = pfl_side_by_side(args.pfl_cohort, Path(tmp)) if args.pfl_cohort and not (args.smoke or args.profile) \
+            else "| (not run) | | | | |"
     steps = step_ratios(names, [1, 3, 16] if args.smoke else args.batches, 2 if args.smoke else args.repeats,
                         args.profile)
-    if args.profile:
+    if args.smoke or args.profile:  # a look, not the benchmark: nothing written
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        rounds, found = zip(*[round_against_epoch(name, Path(tmp)) for name in names]) if names else ((), ())
-        if args.smoke:  # a look, not the benchmark: nothing written
-            return
-        results = dict(zip(names, found))
-        peer = pfl_side_by_side(args.pfl_cohort, Path(tmp)) if args.pfl_cohort else "| (not run) | | | | |"
     if args.engine_rounds:
         # (4) has its own section; a fresh parent process, so that its peak memory is its own.
         subprocess.run([sys.executable, "-m", "benchmarks.federated_ml100k", "--only", "--engines",

@@ -151,3 +151,21 @@ def cast_like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord
     if arrays is None or all(arrays[k].dtype == reference[k].dtype for k in reference.keys()):
         return arrays
     return ArrayRecord({k: Array(arrays[k].numpy().astype(reference[k].numpy().dtype)) for k in arrays.keys()})
+
+
+def array_view(array: Array) -> np.ndarray:
+    """An `Array`'s values without `Array.numpy()`'s cost: a read-only view of its bytes.
+
+    Flower stores a NumPy array as the bytes of an `.npy` file; `numpy()` re-parses its header
+    with `ast.literal_eval` every time, which costs more than the data on a model of 15 arrays,
+    and copies. The values are the last `size × itemsize` bytes, in the dtype and shape the
+    `Array` names, for a C-order array (the header says which).
+    """
+    if array.stype != "numpy.ndarray":
+        return array.numpy()  # raises Flower's own error for another serialisation
+    dtype = np.dtype(array.dtype)
+    count = int(np.prod(array.shape, dtype=np.int64))
+    start = len(array.data) - count * dtype.itemsize
+    if start < 0 or b"'fortran_order': False" not in array.data[:start]:
+        return array.numpy()  # a Fortran-ordered (or malformed) array: let NumPy read it
+    return np.frombuffer(array.data, dtype=dtype, count=count, offset=start).reshape(array.shape)

@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from common.config import Config
-from common.flower_compat import cast_like, seed_flower_sampler
+from common.flower_compat import array_view, cast_like, seed_flower_sampler
 from common.replies import ARRAYS, TrainMetrics, weight_key
 from server import central_dp
 
@@ -100,7 +100,8 @@ class GuardedStrategy(Strategy):
         total = _WeightedSum(self.inner.weighted_by_key) if streaming else None
         replied, failed, declined, rejected, epsilons = 0, 0, 0, dict.fromkeys(REJECTIONS, 0), {}
         norms: list[float] = []
-        valid: list[Message] = []  # checked and within the bound, or (list path) awaiting the bound
+        valid: list[Message] = []  # list path: checked, awaiting the round's bound
+        losses: list[float] = []  # streamed path: of the replies folded (the replies themselves are not kept)
         pending: list[Message] = []  # passed the cheap checks, not yet deserialised
 
         def inspect(batch: list[Message]) -> None:
@@ -113,8 +114,9 @@ class GuardedStrategy(Strategy):
                 return
             within = [i for i in kept if batch_norms[i] <= bound]
             rejected["norm"] += len(kept) - len(within)
-            total.add(stacks, [TrainMetrics.of(batch[i]) for i in within], within)
-            valid.extend(batch[i] for i in within)
+            metrics = [TrainMetrics.of(batch[i]) for i in within]
+            total.add(stacks, metrics, within)
+            losses.extend(m.train_loss for m in metrics)
 
         for reply in replies:
             replied += 1
@@ -137,13 +139,12 @@ class GuardedStrategy(Strategy):
         if pending:
             inspect(pending)
         failed += max(book["sampled"] - replied, 0)  # no reply within the round's timeout
+        usable = valid  # the streamed path keeps none: its replies are in `total`
         if total is None:
             bound = self._norm_bound(norms)
             usable = [r for r, n in zip(valid, norms, strict=True) if n <= bound]
             rejected["norm"] = len(valid) - len(usable)
-        else:
-            usable = valid
-        losses = [TrainMetrics.of(r).train_loss for r in usable]
+            losses = [TrainMetrics.of(r).train_loss for r in usable]
         book.update(failed=failed, declined=declined, rejected=sum(rejected.values()),
                     rejected_by={k: v for k, v in rejected.items() if v},
                     trained=len(losses), replied=len(losses) + declined + sum(rejected.values()),
@@ -203,7 +204,7 @@ FOLD_BATCH = 32  # replies deserialised, checked and folded together
 def _inspect(batch: list[Message], reference: ArrayRecord) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Each key's arrays of the batch stacked (K, *shape), deserialised once; whether each reply
     is finite everywhere; each update's L2 norm over all weights (in float64)."""
-    stacks = {key: np.stack([reply.content[ARRAYS][key].numpy() for reply in batch]) for key in reference.keys()}
+    stacks = {key: np.stack([array_view(reply.content[ARRAYS][key]) for reply in batch]) for key in reference.keys()}
     finite = np.ones(len(batch), dtype=bool)
     squared = np.zeros(len(batch))
     for key, stack in stacks.items():

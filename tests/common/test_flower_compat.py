@@ -8,6 +8,7 @@ import random
 import types
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
@@ -136,3 +137,16 @@ def test_legacy_secaggplus_pieces_behave_as_server_and_client_use_them() -> None
     assert fc.Stage.UNMASK in fc.Stage.all() and isinstance(fc.SecAggPlusKey.STAGE, str)
     assert {fc.RECORD_KEY_CONFIGS, fc.RECORD_KEY_STATE} == {"secaggplus_configs", "secaggplus_state"}
 
+
+
+@pytest.mark.parametrize("values", [np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros((0, 2)),
+                                    np.array(3.5), np.arange(6, dtype=np.int64)[::2],
+                                    np.asfortranarray(np.arange(6.0).reshape(2, 3))])
+def test_array_view_reads_what_numpy_reads(values):
+    """The npy layout `array_view` relies on: the values are the bytes' tail, in the Array's dtype and shape."""
+    from common.flower_compat import array_view
+
+    array = Array(values)
+    view = array_view(array)
+    assert view.dtype == array.numpy().dtype and view.shape == array.numpy().shape
+    np.testing.assert_array_equal(view, array.numpy())
