@@ -141,6 +141,7 @@ class _Cohort:
         self.steps = batches_per_epoch(len(jobs[0].windows), cfg.batch_size)
         self.dp = jobs[0].noise_multiplier is not None
         self.windows = [torch.from_numpy(job.windows) for job in jobs]
+        self.head = OUTER[1] if OUTER[1] in self.params else OUTER[0]  # the output layer's table (tied: the embedding)
 
     def train(self, epochs: int, on_epoch_end: Callable[[int, float, float | None], bool] | None = None
               ) -> list[TrainResult]:
@@ -270,7 +271,7 @@ class _Cohort:
     def _scores(self, batch: _Part, features: torch.Tensor, shared: bool, detach: bool) -> _Scores:
         """Log-probabilities of every item at each real target, rows grouped by client."""
         rows = _Rows(batch)
-        head = self.params[OUTER[-1] if OUTER[-1] in self.params else OUTER[0]]
+        head = self.params[self.head]
         head = head.detach() if detach else head
         weights = head[0] if shared else head[rows.clients]  # (N+1, E) or (P, N+1, E)
         grouped = features.new_zeros(len(rows.clients), rows.longest, features.shape[-1])
@@ -324,13 +325,12 @@ class _Cohort:
         with torch.no_grad():
             squared = sum(g.flatten(1).pow(2).sum(1) for g in small_grads.values())
             squared = squared + scores.outer_squared_norms(upstream, features, embedded_grads, batch.inputs,
-                                                           tied=OUTER[-1] not in self.params)
+                                                           tied=self.head == OUTER[0])
             factors = (self.cfg.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
             for name, g in small_grads.items():
                 summed[name].index_add_(0, batch.slots, g * factors.view(-1, *([1] * (g.dim() - 1))))
-            head = OUTER[-1] if OUTER[-1] in self.params else OUTER[0]
             weighted = upstream.mul_(factors[rows.window_of_group].unsqueeze(-1))  # (P, R, N+1)
-            summed[head].index_add_(0, rows.clients, weighted.transpose(1, 2) @ scores.features)
+            summed[self.head].index_add_(0, rows.clients, weighted.transpose(1, 2) @ scores.features)
             table = summed[OUTER[0]].view(-1, features.shape[-1])
             index = batch.slots.unsqueeze(1) * (self.model.num_items + 1) + batch.inputs
             table.index_add_(0, index.flatten(), (embedded_grads * factors.view(-1, 1, 1)).flatten(0, 1))

@@ -102,9 +102,10 @@ class GuardedStrategy(Strategy):
         norms: list[float] = []
         valid: list[Message] = []  # list path: checked, awaiting the round's bound
         losses: list[float] = []  # streamed path: of the replies folded (the replies themselves are not kept)
-        pending: list[Message] = []  # passed the cheap checks, not yet deserialised
+        pending: list[tuple[Message, TrainMetrics]] = []  # passed the cheap checks, not yet deserialised
 
-        def inspect(batch: list[Message]) -> None:
+        def inspect(checked: list[tuple[Message, TrainMetrics]]) -> None:
+            batch = [reply for reply, _ in checked]
             stacks, finite, batch_norms = _inspect(batch, self.reference)
             rejected["nonfinite"] += int((~finite).sum())
             kept = [i for i in range(len(batch)) if finite[i]]
@@ -114,17 +115,17 @@ class GuardedStrategy(Strategy):
                 return
             within = [i for i in kept if batch_norms[i] <= bound]
             rejected["norm"] += len(kept) - len(within)
-            metrics = [TrainMetrics.of(batch[i]) for i in within]
+            metrics = [checked[i][1] for i in within]
             total.add(stacks, metrics, within)
             losses.extend(m.train_loss for m in metrics)
 
         for reply in replies:
             replied += 1
-            kind = self._triage(reply)
+            metrics = None if reply.has_error() else TrainMetrics.of(reply)
+            kind = self._triage(reply, metrics)
             if kind == "failed":
                 failed += 1
                 continue
-            metrics = TrainMetrics.of(reply)
             if metrics is not None:  # spent whatever happens to the update next
                 epsilons[reply.metadata.src_node_id] = metrics.epsilon
             if kind == "declined":
@@ -132,7 +133,7 @@ class GuardedStrategy(Strategy):
             elif kind in rejected:
                 rejected[kind] += 1
             else:
-                pending.append(reply)
+                pending.append((reply, metrics))
                 if len(pending) == FOLD_BATCH:
                     inspect(pending)
                     pending = []
@@ -185,9 +186,10 @@ class GuardedStrategy(Strategy):
             self.rounds.setdefault(server_round, {})["federated"] = dict(metrics)
         return metrics
 
-    def _triage(self, reply: Message) -> str:
-        """failed (error reply), declined (budget), valid, or the reason it is rejected (`REJECTIONS`).
-        Only what needs no deserialising: finite values and norms are `_inspect`'s, in batches."""
+    def _triage(self, reply: Message, metrics: TrainMetrics | None) -> str:
+        """failed (error reply), declined (budget), valid, or the reason it is rejected (`REJECTIONS`);
+        `metrics` is the reply's, parsed once by the caller. Only what needs no deserialising:
+        finite values and norms are `_inspect`'s, in batches."""
         if reply.has_error():
             return "failed"
         if TrainMetrics.declines(reply):
@@ -195,7 +197,7 @@ class GuardedStrategy(Strategy):
         problem = _mismatch(reply.content.array_records.get(ARRAYS), self.reference)
         if problem:
             return problem
-        return "metrics" if TrainMetrics.of(reply) is None else "valid"
+        return "metrics" if metrics is None else "valid"
 
 
 FOLD_BATCH = 32  # replies deserialised, checked and folded together
