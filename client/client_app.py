@@ -23,6 +23,7 @@ from client import cohort
 from client.training import ClientJob, batches_per_epoch, noise_multiplier_for
 from common.config import Config
 from common.federation import ClientData, client_data, local_client_data
+from common.flower_compat import array_of
 from common.memo import cached
 from common.metrics import LIST_METRICS, evaluate_model
 from common.model import build_model
@@ -59,7 +60,7 @@ def train_round(msg: Message, context: Context) -> Message:
             save_ledger(context, ledger.extended(result.history))
         metrics = TrainMetrics(num_examples=len(data.windows), train_loss=result.loss,
                                epsilon=result.epsilon if cfg.dp else 0.0)
-        return train_reply(msg, ArrayRecord(_state(result.weights, cfg, data.num_items)), metrics)
+        return train_reply(msg, _arrays(result.weights, cfg, data.num_items), metrics)
 
     # Central DP: Flower's mod clips the whole update on the device, before it is sent.
     return fixedclipping_mod(msg, context, local_training) if cfg.central_dp else local_training(msg, context)
@@ -118,9 +119,9 @@ def _global_model(arrays: ArrayRecord, cfg: Config, num_items: int) -> torch.nn.
     return model
 
 
-def _state(weights: dict[str, torch.Tensor], cfg: Config, num_items: int) -> dict[str, torch.Tensor]:
-    """Trained parameters (by parameter name) as the model's state dict (the message's layout)."""
-    return {key: weights[name] for key, name in _state_keys(cfg, num_items).items()}
+def _arrays(weights: dict[str, torch.Tensor], cfg: Config, num_items: int) -> ArrayRecord:
+    """Trained parameters (by parameter name) as the reply's arrays, keyed as the model's state dict."""
+    return ArrayRecord({key: array_of(weights[name].detach().numpy()) for key, name in _state_keys(cfg, num_items).items()})
 
 
 @cached(1)

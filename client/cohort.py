@@ -69,6 +69,7 @@ class _Request:
     model_of: Callable[[ArrayRecord], torch.nn.Module]
     result: TrainResult | None = None
     error: BaseException | None = None
+    answered: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def batch_key(self) -> tuple:
         """Requests that train together: the same settings and the same starting weights. The
@@ -78,6 +79,9 @@ class _Request:
 
 
 class _Cohort:
+    """The serving thread alone waits on `condition`; each call waits on its own request's event,
+    so a hand-over wakes one thread, not the whole cohort."""
+
     def __init__(self, size: int) -> None:
         self.size = size
         self.done = 0
@@ -87,8 +91,8 @@ class _Cohort:
     def submit(self, request: _Request) -> TrainResult:
         with self.condition:
             self.waiting.append(request)
-            self.condition.notify_all()
-            self.condition.wait_for(lambda: request.result is not None or request.error is not None)
+            self.condition.notify()
+        request.answered.wait()
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[return-value]
@@ -96,7 +100,7 @@ class _Cohort:
     def finished(self) -> None:
         with self.condition:
             self.done += 1
-            self.condition.notify_all()
+            self.condition.notify()
 
     def serve(self) -> None:
         """Train whatever the calls hand over whenever none of them can go on; until all are done."""
@@ -107,8 +111,8 @@ class _Cohort:
                     return
                 batch, self.waiting = self.waiting, []
             self._train(batch)
-            with self.condition:
-                self.condition.notify_all()
+            for request in batch:
+                request.answered.set()
 
     @staticmethod
     def _train(batch: list[_Request]) -> None:

@@ -469,22 +469,26 @@ def _epsilon(accountant: PRVAccountant | None, delta: float) -> float | None:
     return Ledger(tuple(tuple(h) for h in accountant.history)).epsilon(delta) if accountant else None
 
 
-@cached(1024)
 def noise_multiplier_for(cfg: Config, num_windows: int, epochs: int) -> float:
     """σ from the config: given outright, or the smallest that keeps `epochs` under target ε.
 
-    The sample rate is the one Opacus's Poisson loader uses (1 / batches per epoch). Cached:
-    clients with as many windows share one search.
+    The sample rate is the one Opacus's Poisson loader uses (1 / batches per epoch), so σ
+    depends on the window count only through the batches per epoch.
     """
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    sample_rate = 1 / batches_per_epoch(num_windows, cfg.batch_size)
+    return _searched_noise_multiplier(cfg.target_epsilon, cfg.delta, batches_per_epoch(num_windows, cfg.batch_size), epochs)
+
+
+@cached(1024)
+def _searched_noise_multiplier(target_epsilon: float, delta: float, batches: int, epochs: int) -> float:
+    """Cached: a search takes 0.1 s or more, and a round's clients share a handful of plans."""
     with quiet_opacus():
         return get_noise_multiplier(
-            target_epsilon=cfg.target_epsilon,
-            target_delta=cfg.delta,
-            sample_rate=sample_rate,
-            steps=epochs * batches_per_epoch(num_windows, cfg.batch_size),
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=1 / batches,
+            steps=epochs * batches,
             accountant=ACCOUNTANT,
             epsilon_tolerance=0.05,  # each PRV evaluation is slow; ε ends within 0.05 below target
         )

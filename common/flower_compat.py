@@ -10,9 +10,11 @@ pins every one, so a Flower upgrade that changes them fails there first rather t
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from io import BytesIO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, UserConfigValue
@@ -169,3 +171,24 @@ def array_view(array: Array) -> np.ndarray:
     if start < 0 or b"'fortran_order': False" not in array.data[:start]:
         return array.numpy()  # a Fortran-ordered (or malformed) array: let NumPy read it
     return np.frombuffer(array.data, dtype=dtype, count=count, offset=start).reshape(array.shape)
+
+
+def array_of(values: np.ndarray) -> Array:
+    """`Array.from_numpy_ndarray(values)`, the same bytes, with the values copied once.
+
+    `np.save` writes a fresh header and copies the values in chunks, then `getvalue()` copies
+    them all again: a client's reply of 15 arrays paid that for every array. Here the `.npy`
+    header (format 1.0, as `np.save` writes for these) is cached per dtype and shape, and the
+    values are joined to it in one copy.
+    """
+    values = np.ascontiguousarray(values)
+    header = _npy_header(np.lib.format.dtype_to_descr(values.dtype), values.shape)
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray",
+                 data=b"".join((header, values.reshape(-1).view(np.uint8))))
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    buffer = BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
@@ -203,46 +204,51 @@ class GuardedStrategy(Strategy):
 FOLD_BATCH = 32  # replies deserialised, checked and folded together
 
 
-def _inspect(batch: list[Message], reference: ArrayRecord) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def _inspect(batch: list[Message], reference: ArrayRecord) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
     """Each key's arrays of the batch stacked (K, *shape), deserialised once; whether each reply
-    is finite everywhere; each update's L2 norm over all weights (in float64)."""
-    stacks = {key: np.stack([array_view(reply.content[ARRAYS][key]) for reply in batch]) for key in reference.keys()}
-    finite = np.ones(len(batch), dtype=bool)
-    squared = np.zeros(len(batch))
+    is finite everywhere; each update's L2 norm over all weights (inf where it is not finite).
+    Squared norms are summed in float64, where no finite float32 weights overflow, so a reply is
+    finite exactly when its norm is."""
+    stacks = {key: torch.from_numpy(np.stack([array_view(reply.content[ARRAYS][key]) for reply in batch]))
+              for key in reference.keys()}
+    squared = torch.zeros(len(batch), dtype=torch.float64)
     for key, stack in stacks.items():
-        flat = stack.reshape(len(batch), -1)
-        finite &= np.isfinite(flat).all(1)
-        update = flat - reference[key].numpy().reshape(1, -1)
-        squared += np.einsum("ij,ij->i", update, update, dtype=np.float64)
-    return stacks, finite, np.sqrt(np.where(finite, squared, np.inf))
+        update = stack.reshape(len(batch), -1) - torch.from_numpy(reference[key].numpy()).reshape(1, -1)
+        squared += torch.linalg.vector_norm(update, dim=1, dtype=torch.float64).square()
+    norms = squared.sqrt().numpy()
+    finite = np.isfinite(norms)
+    return stacks, finite, np.where(finite, norms, np.inf)
 
 
 class _WeightedSum:
     """FedAvg's weighted mean of the replies' arrays and metrics, a batch of replies at a time:
-    one weighted sum over the stacked batch per array (in float64)."""
+    one matrix-vector product over the stacked batch per array, added up across batches in float64."""
 
     def __init__(self, weight_key: str) -> None:
         self.weight_key = weight_key
         self.weight = 0.0
-        self.arrays: dict[str, np.ndarray] = {}
+        self.arrays: dict[str, torch.Tensor] = {}
         self.metrics: dict[str, float] = {}
 
-    def add(self, stacks: dict[str, np.ndarray], metrics: list[TrainMetrics], rows: list[int]) -> None:
+    def add(self, stacks: dict[str, torch.Tensor], metrics: list[TrainMetrics], rows: list[int]) -> None:
         """Fold rows `rows` of the stacked batch, whose replies' metrics are `metrics`."""
         if not rows:
             return
         records = [m.to_record() for m in metrics]
-        weights = np.array([float(r[self.weight_key]) for r in records])
+        weights = torch.tensor([float(r[self.weight_key]) for r in records], dtype=torch.float64)
         self.weight += float(weights.sum())
+        picked = torch.tensor(rows)
         for key, stack in stacks.items():
-            self.arrays.setdefault(key, np.zeros(stack.shape[1:]))
-            self.arrays[key] += np.einsum("k,k...->...", weights, stack[rows], dtype=np.float64)
-        for record, weight in zip(records, weights, strict=True):
+            chosen = stack[picked] if len(rows) < len(stack) else stack
+            part = (weights.to(stack.dtype) @ chosen.reshape(len(rows), -1)).reshape(stack.shape[1:])  # (K,) @ (K, size)
+            self.arrays.setdefault(key, torch.zeros(part.shape, dtype=torch.float64))
+            self.arrays[key] += part
+        for record, weight in zip(records, weights.tolist(), strict=True):
             for key, value in record.items():
                 self.metrics[key] = self.metrics.get(key, 0.0) + float(value) * weight
 
     def result(self) -> tuple[ArrayRecord, MetricRecord]:
-        arrays = ArrayRecord({k: Array(v / self.weight) for k, v in self.arrays.items()})  # cast by the caller
+        arrays = ArrayRecord({k: Array((v / self.weight).numpy()) for k, v in self.arrays.items()})  # cast by the caller
         return arrays, MetricRecord({k: v / self.weight for k, v in self.metrics.items()})
 
 

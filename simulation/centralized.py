@@ -20,12 +20,14 @@ from common.config import Config
 from common.dataset import SequenceData, eval_examples, load_dataset, popularity, training_windows
 from common.metrics import evaluate_model, evaluate_popularity
 from common.model import build_model
+from simulation.allocator import keep_freed_memory
 
 
 def train_centralized(
     cfg: Config, out: Path, on_epoch: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
     """Train, write config.json, metrics.jsonl, summary.json, model.pt and items.json to `out`."""
+    keep_freed_memory()  # as the in-process engine does, so the two compare like for like
     data = load_dataset(cfg)
     windows = training_windows(data.sequences, cfg.max_len)
     valid = eval_examples(data.sequences, "valid", cfg.max_len)

@@ -52,6 +52,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.cohort import run_together
 from common.flower_compat import SUPERLINK_NODE_ID, ErrorCode, Run, make_run, server_task_identity, set_message_id
+from simulation.allocator import keep_freed_memory
 
 __all__ = [
     "NODE_ID_OFFSET",
@@ -332,6 +333,7 @@ def run_server_app(server_app: ServerApp, grid: InProcessGrid) -> Context:
     it empty), the `TaskIdentity` set, then ``server_app(grid=grid, context=context)``
     (`flwr.server.run_serverapp.run`). Exceptions from the ServerApp propagate.
     """
+    keep_freed_memory()
     run = grid.run
     context = Context(
         run_id=run.run_id,
