@@ -288,3 +288,21 @@ def test_every_robust_aggregation_runs_and_resists_one_outlier(aggregation):
     out = run(strategy, InProcessGrid(app, 10, {}), num_rounds=1)
     w = out["result"].arrays["w"].numpy()
     assert np.all((w > 1.0) & (w < 1.1)), w  # FedAvg would give about 101
+
+
+def test_a_finite_reply_whose_update_overflows_float32_is_not_called_nonfinite():
+    """Finiteness is checked on the weights themselves, not inferred from the update's norm."""
+    from common.flower_compat import server_task_identity
+    from common.replies import train_reply
+    from server.strategy import _inspect
+
+    reference = ArrayRecord({"w": Array(np.full(3, -3e38, dtype=np.float32))})
+    huge = Array(np.full(3, 3e38, dtype=np.float32))  # finite, but huge - reference overflows float32
+    nan = Array(np.array([0.0, np.nan, 0.0], dtype=np.float32))
+    with server_task_identity(1):
+        instruction = Message(RecordDict({"arrays": reference}), dst_node_id=NODE_ID_OFFSET, message_type="train")
+    replies = [train_reply(instruction, ArrayRecord({"w": a}), TrainMetrics(num_examples=1, train_loss=0.0, epsilon=0.0))
+               for a in (huge, nan)]
+    _, finite, norms = _inspect(replies, reference)
+    assert finite.tolist() == [True, False]
+    assert np.isinf(norms).all()  # the overflowing update has no finite norm either, so any bound rejects it
