@@ -20,14 +20,14 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 from client.secagg import secure_aggregation_mod
 from client import cohort
-from client.training import ClientJob, batches_per_epoch, noise_multiplier_for
+from client.training import ClientJob
 from common.config import Config
 from common.federation import ClientData, client_data, local_client_data
 from common.flower_compat import array_of
 from common.memo import cached
 from common.metrics import LIST_METRICS, evaluate_model
 from common.model import build_model
-from common.privacy import Ledger
+from common.privacy import Ledger, noise_multiplier_for, round_mechanism
 from common.replies import ARRAYS, METRICS, NUM_EXAMPLES, UNIT_WEIGHT, TrainMetrics, declined_reply, train_reply
 
 app = ClientApp()
@@ -44,9 +44,8 @@ def train_round(msg: Message, context: Context) -> Message:
     ledger = load_ledger(context)
     sigma = None
     if cfg.dp:
-        sigma = _noise_multiplier(cfg, len(data.windows), context)
-        batches = batches_per_epoch(len(data.windows), cfg.batch_size)
-        after = ledger.planned(sigma, 1 / batches, cfg.local_epochs * batches).epsilon(cfg.delta)
+        sigma, rate, steps = round_mechanism(cfg, len(data.windows), _noise_multiplier(cfg, len(data.windows), context))
+        after = ledger.planned(sigma, rate, steps).epsilon(cfg.delta)
         if after > cfg.target_epsilon * (1 + 1e-9):
             spent = ledger.epsilon(cfg.delta)
             return declined_reply(msg, spent, f"privacy budget: ε would reach {after:.3f} > target "

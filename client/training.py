@@ -25,15 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from opacus.accountants import PRVAccountant
-from opacus.accountants.utils import get_noise_multiplier
 from torch.func import functional_call, grad, vmap
 
 from common.config import Config
-from common.memo import cached
 from common.model import window_losses
-from common.privacy import Ledger, quiet_opacus
-
-ACCOUNTANT = "prv"
+from common.privacy import Ledger, batches_per_epoch, quiet_opacus
 
 # Adam suits long runs (centralized training); plain SGD suits a federated client's few steps
 # from a fresh optimizer, where Adam's first steps are sign-like and would amplify DP noise.
@@ -467,36 +463,6 @@ def _load(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
 def _epsilon(accountant: PRVAccountant | None, delta: float) -> float | None:
     """Through the ledger's cache: in a simulation many clients share one history."""
     return Ledger(tuple(tuple(h) for h in accountant.history)).epsilon(delta) if accountant else None
-
-
-def noise_multiplier_for(cfg: Config, num_windows: int, epochs: int) -> float:
-    """σ from the config: given outright, or the smallest that keeps `epochs` under target ε.
-
-    The sample rate is the one Opacus's Poisson loader uses (1 / batches per epoch), so σ
-    depends on the window count only through the batches per epoch.
-    """
-    if cfg.noise_multiplier > 0:
-        return cfg.noise_multiplier
-    return _searched_noise_multiplier(cfg.target_epsilon, cfg.delta, batches_per_epoch(num_windows, cfg.batch_size), epochs)
-
-
-@cached(1024)
-def _searched_noise_multiplier(target_epsilon: float, delta: float, batches: int, epochs: int) -> float:
-    """Cached: a search takes 0.1 s or more, and a round's clients share a handful of plans."""
-    with quiet_opacus():
-        return get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=1 / batches,
-            steps=epochs * batches,
-            accountant=ACCOUNTANT,
-            epsilon_tolerance=0.05,  # each PRV evaluation is slow; ε ends within 0.05 below target
-        )
-
-
-def batches_per_epoch(num_windows: int, batch_size: int) -> int:
-    """Steps in one epoch; under Poisson sampling each window is drawn with rate 1 / this."""
-    return math.ceil(num_windows / batch_size)
 
 
 def dp_unit(max_len: int) -> str:

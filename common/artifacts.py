@@ -20,6 +20,7 @@ import torch
 
 CONFIG, METRICS, SUMMARY, MODEL, ITEMS = "config.json", "metrics.jsonl", "summary.json", "model.pt", "items.json"
 PRIVACY, LEDGERS = "privacy.json", "ledgers"  # clients' reported ε; copies of simulated clients' ledgers
+PARTICIPATION = "participation.json"  # the server's record of who trained in which round
 
 
 class OutputExistsError(FileExistsError):

@@ -103,8 +103,8 @@ class Config:
         for name in ("num_server_rounds", "num_clients", "local_epochs", "eval_every", "server_lr", "skew_alpha",
                      "round_timeout"):
             _check(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
-        for name in ("fraction_train", "fraction_evaluate"):
-            _check(0 <= getattr(self, name) <= 1, f"{_key(name)} must be in [0, 1], got {getattr(self, name)}")
+        _check(0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1] (0 would train nothing), got {self.fraction_train}")
+        _check(0 <= self.fraction_evaluate <= 1, f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         _check(0 <= self.holdout_users < 1, f"holdout-users must be in [0, 1), got {self.holdout_users}")
         _check(self.min_train_nodes >= 1, f"min-train-nodes must be >= 1, got {self.min_train_nodes}")
         for name in ("max_len", "embedding_dim", "hidden_dim", "epochs", "batch_size",

@@ -25,6 +25,7 @@ def cached(maxsize: int) -> Callable[[Callable[..., Value]], Callable[..., Value
             with lock:
                 return memo(*args, **kwargs)
 
+        once.cache_clear = memo.cache_clear  # type: ignore[attr-defined]  # for a process whose files changed
         return once
 
     return wrap

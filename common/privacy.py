@@ -15,13 +15,15 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 
 from common.artifacts import replace_atomically
+from common.config import Config, ConfigError
 from common.errors import DataError
 from common.memo import cached
 
@@ -83,6 +85,7 @@ def quiet_opacus() -> Iterator[None]:
         yield
 
 
+@cached(4096)
 def independent_epsilon(history: tuple[Mechanism, ...], delta: float) -> float:
     """ε of the same history by Google's `dp-accounting` (PLD), an accountant independent of
     Opacus's PRV one: two implementations that agree are the check that neither is misused."""
@@ -111,3 +114,69 @@ def _epsilon(history: tuple[Mechanism, ...], delta: float) -> float:
 
 def _digest(body: list) -> str:
     return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
+def batches_per_epoch(num_windows: int, batch_size: int) -> int:
+    """Steps in one epoch; under Poisson sampling each window is drawn with rate 1 / this."""
+    return math.ceil(num_windows / batch_size)
+
+
+def noise_multiplier_for(cfg: Config, num_windows: int, epochs: int) -> float:
+    """σ from the config: given outright, or the smallest that keeps `epochs` under target ε.
+
+    The sample rate is the one Opacus's Poisson loader uses (1 / batches per epoch), so σ
+    depends on the window count only through the batches per epoch.
+    """
+    if cfg.noise_multiplier > 0:
+        return cfg.noise_multiplier
+    return _searched_noise_multiplier(cfg.target_epsilon, cfg.delta, batches_per_epoch(num_windows, cfg.batch_size), epochs)
+
+
+@cached(1024)
+def _searched_noise_multiplier(target_epsilon: float, delta: float, batches: int, epochs: int) -> float:
+    """Cached: a search takes 0.1 s or more, and a round's clients share a handful of plans."""
+    with quiet_opacus():
+        return get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=1 / batches,
+            steps=epochs * batches,
+            accountant="prv",
+            epsilon_tolerance=0.05,  # each PRV evaluation is slow; ε ends within 0.05 below target
+        )
+
+
+def round_mechanism(cfg: Config, num_windows: int, sigma: float | None = None) -> Mechanism:
+    """What one federated round of local DP-SGD spends on a client of `num_windows` windows: σ for
+    its whole plan (every round, `local-epochs` each; `sigma` when the caller already knows it), at
+    its sample rate, for the round's steps. The client trains with it; the server recomputes it
+    from the windows the client reports, for its own participation record."""
+    batches = batches_per_epoch(num_windows, cfg.batch_size)
+    if sigma is None:
+        sigma = noise_multiplier_for(cfg, num_windows, cfg.num_server_rounds * cfg.local_epochs)
+    return (float(sigma), 1 / batches, cfg.local_epochs * batches)
+
+
+def compressed(history: Iterable[Mechanism]) -> tuple[Mechanism, ...]:
+    """Consecutive mechanisms of the same σ and q merged, as Opacus's accountants keep their history."""
+    merged: list[Mechanism] = []
+    for sigma, q, steps in history:
+        if merged and merged[-1][:2] == (sigma, q):
+            merged[-1] = (sigma, q, merged[-1][2] + steps)
+        else:
+            merged.append((sigma, q, steps))
+    return tuple(merged)
+
+
+def check_fixed_noise(cfg: Config, plans: Iterable[tuple[int, int]]) -> None:
+    """Refuse a fixed `noise-multiplier` that cannot keep `target-epsilon` over the plan: each
+    plan is (windows, epochs), and the most expensive one must fit. Without this a run would
+    spend more than it promised (centralized) or decline every round (federated)."""
+    if not cfg.dp or cfg.noise_multiplier <= 0:
+        return
+    distinct = {(batches_per_epoch(w, cfg.batch_size), e) for w, e in plans}
+    spent = max((Ledger(((cfg.noise_multiplier, 1 / b, e * b),)).epsilon(cfg.delta) for b, e in distinct), default=0.0)
+    if spent > cfg.target_epsilon * (1 + 1e-9):
+        raise ConfigError(f"noise-multiplier {cfg.noise_multiplier:g} spends ε = {spent:.3g} over the planned training, "
+                          f"more than target-epsilon {cfg.target_epsilon:g}: raise --noise-multiplier, or set it to 0 "
+                          "to derive σ from the target")

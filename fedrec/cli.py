@@ -16,6 +16,7 @@ from rich.table import Table
 from common.artifacts import ITEMS, MODEL, OutputExistsError, read_json
 from common.config import Config, ConfigError, defaults
 from common.dataset import DataError, load_dataset, stats
+from common.errors import NoProgressError
 from fedrec import deploy
 
 app = typer.Typer(help="Privacy-preserving federated next-item recommendation.", no_args_is_help=True,
@@ -24,7 +25,7 @@ data_app = typer.Typer(help="Inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
 err = Console(stderr=True)
-USER_ERRORS = (ConfigError, DataError, OutputExistsError)
+USER_ERRORS = (ConfigError, DataError, OutputExistsError, NoProgressError)
 D = defaults()
 
 
@@ -149,12 +150,15 @@ def simulate_command(
     """Federated training of many clients in this process (the ServerApp and ClientApp, no Ray)."""
     from simulation.run import simulate
 
+    options = {k: v for k, v in locals().items() if k not in ("out", "quiet", "resume", "simulate", "rounds")}
     if resume is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in {**options, "rounds": rounds}.items() if v is not None]
+        if given:
+            raise ConfigError(f"--resume continues the run with the settings it started with: drop {', '.join(given)}")
         if not (resume / "config.json").is_file():
             raise DataError(f"cannot resume: {resume / 'config.json'} not found")
         cfg = Config.from_run_config({**read_json(resume / "config.json"), "out-dir": str(resume), "resume": True})
     else:
-        options = {k: v for k, v in locals().items() if k not in ("out", "quiet", "resume", "simulate", "rounds")}
         cfg = _config(**options, num_server_rounds=rounds, out_dir=str(out))
     summary = simulate(cfg, quiet=quiet)
     _print_summary(summary, Path(cfg.out_dir))
@@ -226,12 +230,13 @@ def recommend_command(
 
 @app.command("privacy")
 def privacy_command(
-    run: Annotated[Optional[Path], typer.Option(help="Folder of a finished run (privacy.json, ledgers/)")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="Folder of a finished run (participation.json, privacy.json, ledgers/)")] = None,
     ledger: Annotated[Optional[Path], typer.Option(help="One device's ledger file (its state folder's privacy-ledger.json)")] = None,
     delta: Annotated[Optional[float], _opt("delta", "δ for --ledger")] = None,
     show_all: Annotated[bool, typer.Option("--all", help="A row for every client, not only problems and the largest ε")] = False,
 ) -> None:
-    """Every ε of a run recomputed from the ledgers by two accountants; exit 1 on any mismatch."""
+    """Every ε of a run recomputed from the server's participation record by two accountants, and
+    checked against each client's ledger and reported ε; exit 1 on any mismatch."""
     from server.privacy_report import audit_ledger, audit_run
 
     if (run is None) == (ledger is None):
@@ -252,7 +257,11 @@ def privacy_command(
     if bad:
         err.print(f"error: {len(bad)} ledger(s) failed: {bad[0].name}: {bad[0].problem}", markup=False, highlight=False)
         raise typer.Exit(1)
-    console.print(f"all {len(clients) + (1 if central else 0)} ledgers agree (PRV and PLD within 5%, and with what was reported)")
+    if run is not None:
+        console.print(f"all {len(clients)} clients' ledgers and reported ε match the server's participation record"
+                      + (", and the central guarantee checks out" if central else "") + " (PRV and PLD within 5%)")
+    else:
+        console.print("the ledger passes its checksum and both accountants agree (PRV and PLD within 5%)")
 
 
 def _num(value: float | None) -> str:

@@ -22,9 +22,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import artifacts
 from common.config import Config
+from common.errors import NoProgressError
 from common.federation import Federation, catalogue, federation
 from common.model import build_model
-from server import checkpoint, secagg, summary
+from server import checkpoint, preflight, secagg, summary
 from server.evaluation import HeldOut
 from server.strategy import GuardedStrategy, make_strategy
 
@@ -57,31 +58,37 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
     if cfg.secagg:
         grid = secagg.SecureGrid(grid, cfg, secagg.max_weight(cfg, fed))
     clients = len(fed.clients) if cfg.partition != "devices" else len(list(grid.get_node_ids()))
+    preflight.check(cfg, fed, clients)
     strategy = GuardedStrategy(make_strategy(cfg, clients), seed=cfg.seed, min_train_nodes=cfg.min_train_nodes,
                                max_update_norm=cfg.max_update_norm, update_norm_factor=cfg.update_norm_factor)
-    state = _start(out, cfg, strategy, grid, model)
+    origin = checkpoint.origin(cfg, fed.data)
+    state = _start(out, cfg, strategy, grid, model, origin)
     # Deployed clients read their own files: they learn the model's item order from the server.
     catalogue_config = ConfigRecord({"items": catalogue(cfg)} if cfg.partition == "devices" else {})
     log.info("fedrec: %d clients, %d evaluation users, %d items; most-popular validation NDCG@10 %.4f",
              clients, held_out.num_users, fed.data.num_items, held_out.popularity("valid")["ndcg@10"])
-    end_of_round = _RoundEnd(cfg, out, model, held_out, strategy, grid, state)
+    end_of_round = _RoundEnd(cfg, out, model, held_out, strategy, grid, state, origin)
 
     result = strategy.start(grid=grid, initial_arrays=state["arrays"], num_rounds=cfg.num_server_rounds - state["round"],
                             timeout=cfg.round_timeout,
                             train_config=catalogue_config, evaluate_config=catalogue_config, evaluate_fn=end_of_round)
+    if state["round"] == 0 and not any(book.get("aggregated") for book in strategy.rounds.values()):
+        raise NoProgressError("no round was aggregated: every sampled client declined, failed or was rejected "
+                              f"(see {out / artifacts.METRICS if out else 'the round lines'}); the model is untrained, "
+                              "so no model.pt or summary.json was written")
     final = result.arrays if len(result.arrays.keys()) else state["arrays"]
     model.load_state_dict(final.to_torch_state_dict())
     run_summary = summary.build(cfg, clients, held_out, model, strategy, state["epsilons"], end_of_round.started)
     if out is not None:
-        _write_outputs(out, cfg, run_summary, state["epsilons"], model, fed)
+        _write_outputs(out, cfg, run_summary, state["epsilons"], strategy.participation, model, fed)
     return run_summary
 
 
 def _start(out: Path | None, cfg: Config, strategy: GuardedStrategy, grid: Grid,
-           model: torch.nn.Module) -> dict[str, Any]:
+           model: torch.nn.Module, origin: dict[str, Any]) -> dict[str, Any]:
     """The run's state before its first round: a new run's, or the checkpoint's when resuming."""
     if cfg.resume:
-        state = checkpoint.restore(out, strategy, grid, model)
+        state = checkpoint.restore(out, strategy, grid, model, origin)
         strategy.round_offset = state["round"]
         return state
     if out is not None:
@@ -95,8 +102,8 @@ class _RoundEnd:
     metrics.jsonl and checkpoint."""
 
     def __init__(self, cfg: Config, out: Path | None, model: torch.nn.Module, held_out: HeldOut,
-                 strategy: GuardedStrategy, grid: Grid, state: dict[str, Any]) -> None:
-        self.cfg, self.out, self.model, self.held_out = cfg, out, model, held_out
+                 strategy: GuardedStrategy, grid: Grid, state: dict[str, Any], origin: dict[str, Any]) -> None:
+        self.cfg, self.out, self.model, self.held_out, self.origin = cfg, out, model, held_out, origin
         self.strategy, self.grid = strategy, grid
         self.epsilons: dict[int, float] = state["epsilons"]  # each client's latest ε, filled in round by round
         self.started = time.perf_counter() - state["elapsed"]  # a resumed run counts the interrupted one's time
@@ -115,7 +122,8 @@ class _RoundEnd:
         log.info(_round_line(record, self.cfg.num_server_rounds, now - self.started))
         if self.out is not None:
             artifacts.append_jsonl(self.out / artifacts.METRICS, record)
-            checkpoint.save(self.out, done, arrays, self.strategy, self.grid, now - self.started, self.epsilons)
+            checkpoint.save(self.out, done, arrays, self.strategy, self.grid, now - self.started, self.epsilons,
+                            self.origin)
         return MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float))})
 
     def _evaluate(self, done: int, arrays: ArrayRecord) -> dict[str, float] | None:
@@ -165,11 +173,13 @@ def _start_output(out: Path, cfg: Config) -> None:
 
 
 def _write_outputs(out: Path, cfg: Config, run_summary: dict[str, Any], epsilons: dict[int, float],
-                   model: torch.nn.Module, fed: Federation) -> None:
+                   participation: dict[int, list[list[int]]], model: torch.nn.Module, fed: Federation) -> None:
     """The files of a finished run: summary.json, privacy.json, model.pt and items.json."""
     artifacts.write_json(out / artifacts.SUMMARY, run_summary)
     # What each client reported spending, by node: `fedrec privacy` checks it against the ledgers.
     artifacts.write_json(out / artifacts.PRIVACY, {"delta": cfg.delta, "reported_epsilon": epsilons,
                                                    "central": run_summary["central_dp"]})
+    # Who trained in which round, on how many windows: the audit's evidence, kept by the server itself.
+    artifacts.write_json(out / artifacts.PARTICIPATION, participation)
     artifacts.save_model(out / artifacts.MODEL, model)
     artifacts.write_items(out / artifacts.ITEMS, fed.data)

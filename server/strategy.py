@@ -11,7 +11,8 @@ strategies: coordinate-wise median, trimmed mean, Krum, Multi-Krum, Bulyan. The 
   dtype, NaN/Inf, missing metrics, or an update (reply minus global weights) longer than the
   round's norm bound (`max-update-norm`, or `update-norm-factor` times the round's median norm),
 - skips aggregation when fewer than `min-train-nodes` usable replies came back,
-- keeps per-round bookkeeping (counts, mean train loss, clients' ε, norms) for metrics.jsonl.
+- keeps per-round bookkeeping (counts, mean train loss, clients' ε, norms) for metrics.jsonl, and
+  the participation record (who trained in which round, on how many windows) for the privacy audit.
 
 Flower's strategies aggregate a list of every reply of the round: memory grows with the clients
 (22,000 Beauty clients would hold about 36 GB of weights). When the aggregation is plain FedAvg
@@ -79,6 +80,10 @@ class GuardedStrategy(Strategy):
         self.update_norm_factor = update_norm_factor
         self.reference: ArrayRecord | None = None
         self.rounds: dict[int, dict[str, Any]] = {}
+        # The server's own participation record: node id -> [round, windows] of every round it
+        # trained in (declined rounds spend nothing). The privacy audit recomputes each client's
+        # ε from it, independently of the ledgers the clients keep.
+        self.participation: dict[int, list[list[int]]] = {}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -129,6 +134,9 @@ class GuardedStrategy(Strategy):
                 continue
             if metrics is not None:  # spent whatever happens to the update next
                 epsilons[reply.metadata.src_node_id] = metrics.epsilon
+                if kind != "declined":
+                    self.participation.setdefault(reply.metadata.src_node_id, []).append(
+                        [server_round, metrics.num_examples])
             if kind == "declined":
                 declined += 1
             elif kind in rejected:

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from client.training import dp_unit, noise_multiplier_for, train
+from client.training import dp_unit, train
 from common import artifacts
 from common.config import Config
 from common.dataset import SequenceData, eval_examples, load_dataset, popularity, training_windows
 from common.metrics import evaluate_model, evaluate_popularity
 from common.model import build_model
+from common.privacy import check_fixed_noise, noise_multiplier_for
 from simulation.allocator import keep_freed_memory
 
 
@@ -34,6 +35,7 @@ def train_centralized(
     test = eval_examples(data.sequences, "test", cfg.max_len)
     torch.manual_seed(cfg.seed)  # the initial weights too: PyTorch seeds each process at random
     model = build_model(cfg, data.num_items)
+    check_fixed_noise(cfg, [(len(windows), cfg.epochs)])
     sigma = noise_multiplier_for(cfg, len(windows), cfg.epochs) if cfg.dp else None
 
     with artifacts.staged_output(out) as stage:

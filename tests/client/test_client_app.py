@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.constant import ErrorCode
 
 from client.client_app import LEDGER, app
-from client.training import batches_per_epoch
+from common.privacy import batches_per_epoch
 from common.config import Config
 from common.federation import client_data, federation
 from common.flower_compat import server_task_identity, set_message_id

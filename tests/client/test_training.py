@@ -6,7 +6,8 @@ from opacus.accountants import PRVAccountant
 from opacus.optimizers import DPOptimizer
 
 import client.training
-from client.training import ClientJob, _Cohort, batches_per_epoch, noise_multiplier_for, train
+from client.training import ClientJob, _Cohort, train
+from common.privacy import batches_per_epoch, noise_multiplier_for
 from common.config import Config
 from common.model import AttentionLSTM, window_loss, window_losses
 

@@ -169,3 +169,13 @@ def test_existing_output_is_not_overwritten(monkeypatch, capsys, tmp_path):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_resume_refuses_settings_it_would_ignore(monkeypatch, capsys, tmp_path):
+    """A resumed run keeps the settings it started with: options that would change them are refused."""
+    code, _, err = run(monkeypatch, capsys, "simulate", "--resume", str(tmp_path), "--rounds", "9",
+                       "--target-epsilon", "1")
+    assert code == 2
+    assert err.strip() == ("error: --resume continues the run with the settings it started with: "
+                           "drop --target-epsilon, --rounds")
+    assert not any(tmp_path.iterdir())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common.config import Config, ConfigError
+from common.errors import DataError
 from common.privacy import Ledger, independent_epsilon
 from server import central_dp
 from server.privacy_report import audit_run
@@ -69,29 +70,104 @@ def test_report_recomputes_every_epsilon_and_they_agree(both_dp_run):
     assert all(0 < c.prv <= 6.0 for c in clients)
 
 
-def test_report_catches_tampered_ledgers(both_dp_run, tmp_path):
+def _copy(run, tmp_path):
     import shutil
 
-    run = tmp_path / "copy"
-    shutil.copytree(both_dp_run, run)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def _problems(run) -> dict[str, str]:
+    clients, _ = audit_run(run)
+    return {c.name: c.problem for c in clients}
+
+
+def test_report_catches_tampered_ledgers(both_dp_run, tmp_path):
+    run = _copy(both_dp_run, tmp_path)
     first, second = sorted((run / "ledgers").glob("*.json"))[:2]
     # Edited by hand: the checksum no longer matches.
     data = json.loads(first.read_text())
     data["history"][0][2] = 1
     first.write_text(json.dumps(data))
-    # Edited with a fresh checksum: it no longer matches the ε its client reported.
+    # Edited with a fresh checksum: it no longer matches the server's record.
     halved = Ledger(tuple((s, q, max(n // 2, 1)) for s, q, n in Ledger.from_json(second.read_text()).history))
     second.write_text(halved.to_json())
-    clients, _ = audit_run(run)
-    problems = {c.name: c.problem for c in clients}
+    problems = _problems(run)
     assert "checksum" in problems[f"client {first.stem}"]
-    assert "does not match" in problems[f"client {second.stem}"]
+    assert "participation record" in problems[f"client {second.stem}"]
     assert sum(1 for p in problems.values() if p) == 2
+    clients, _ = audit_run(run)
     assert np.isfinite([c.prv for c in clients if c.prv is not None]).all()
 
 
-def test_privacy_command_exits_non_zero_on_a_tampered_ledger(both_dp_run, tmp_path, monkeypatch, capsys):
+def test_report_catches_a_consistently_edited_ledger(both_dp_run, tmp_path):
+    """Steps removed, checksum recomputed and privacy.json edited to match: only the server's own
+    participation record still knows what the client spent."""
+    run = _copy(both_dp_run, tmp_path)
+    victim = sorted((run / "ledgers").glob("*.json"))[0]
+    shorter = Ledger(tuple((s, q, max(n // 2, 1)) for s, q, n in Ledger.from_json(victim.read_text()).history))
+    victim.write_text(shorter.to_json())
+    privacy = json.loads((run / "privacy.json").read_text())
+    privacy["reported_epsilon"][victim.stem] = shorter.epsilon(privacy["delta"])
+    (run / "privacy.json").write_text(json.dumps(privacy))
+    problems = _problems(run)
+    assert "participation record" in problems[f"client {victim.stem}"]
+    assert "does not match the record" in problems[f"client {victim.stem}"]
+    assert sum(1 for p in problems.values() if p) == 1
+
+
+def test_report_catches_missing_evidence(both_dp_run, tmp_path):
     import shutil
+
+    run = _copy(both_dp_run, tmp_path)
+    names = sorted(p.stem for p in (run / "ledgers").glob("*.json"))
+    (run / "ledgers" / f"{names[0]}.json").unlink()
+    privacy = json.loads((run / "privacy.json").read_text())
+    del privacy["reported_epsilon"][names[1]]
+    (run / "privacy.json").write_text(json.dumps(privacy))
+    problems = _problems(run)
+    assert problems[f"client {names[0]}"] == "ledger missing"
+    assert problems[f"client {names[1]}"] == "no reported ε in privacy.json"
+    assert problems[f"client {names[2]}"] == ""
+    shutil.rmtree(run / "ledgers")
+    assert set(_problems(run).values()) >= {"ledger missing"} and all(_problems(run).values())
+    (run / "participation.json").unlink()
+    with pytest.raises(DataError, match="participation.json not found"):
+        audit_run(run)
+
+
+def test_report_catches_a_ledger_reset_in_the_checkpoint(tmp_path, monkeypatch):
+    """A client's ledger deleted from checkpoint.pt before --resume restarts it at ε = 0: the
+    resumed run finishes, and the audit, reading the server's record, fails that client."""
+    from server import checkpoint
+
+    settings = {**SMALL, "dp": True, "target-epsilon": 6.0, "num-server-rounds": 2, "min-train-nodes": 1}
+    out = tmp_path / "cut"
+    original = checkpoint.save
+
+    def crash_after_round_one(out, done, *args, **kwargs):
+        original(out, done, *args, **kwargs)
+        if done == 1:
+            raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(checkpoint, "save", crash_after_round_one)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(Config.from_run_config({**settings, "out-dir": str(out)}), quiet=True)
+    monkeypatch.setattr(checkpoint, "save", original)
+    saved = torch.load(out / checkpoint.CHECKPOINT, weights_only=True)
+    clients = json.loads(saved["clients"])
+    victim = sorted(node for node, records in clients.items() if "privacy-ledger" in records)[0]
+    del clients[victim]["privacy-ledger"]
+    saved["clients"] = json.dumps(clients)
+    torch.save(saved, out / checkpoint.CHECKPOINT)
+    simulate(Config.from_run_config({**settings, "out-dir": str(out), "resume": True}), quiet=True)
+    problems = _problems(out)
+    assert "participation record" in problems[f"client {victim}"]
+    assert sum(1 for p in problems.values() if p) == 1
+
+
+def test_privacy_command_exits_non_zero_on_a_tampered_ledger(both_dp_run, tmp_path, monkeypatch, capsys):
     import sys
 
     from fedrec.cli import main
@@ -104,10 +180,9 @@ def test_privacy_command_exits_non_zero_on_a_tampered_ledger(both_dp_run, tmp_pa
         return exit_info.value.code or 0
 
     assert fedrec("privacy", "--run", str(both_dp_run)) == 0
-    assert "all 4 ledgers agree" in capsys.readouterr().out
-    run = tmp_path / "copy"
-    shutil.copytree(both_dp_run, run)
+    assert "all 3 clients' ledgers and reported ε match the server's participation record" in capsys.readouterr().out
+    run = _copy(both_dp_run, tmp_path)
     victim = sorted((run / "ledgers").glob("*.json"))[0]
     victim.write_text(Ledger(((50.0, 0.5, 1),)).to_json())  # a plausible, re-checksummed, much smaller spend
     assert fedrec("privacy", "--run", str(run)) == 1
-    assert "does not match" in capsys.readouterr().err
+    assert "participation record" in capsys.readouterr().err
