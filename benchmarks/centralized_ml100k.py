@@ -39,7 +39,8 @@ def main() -> None:
         cfg = Config.from_run_config(overrides)
         with tempfile.TemporaryDirectory() as tmp:
             summary = train_centralized(cfg, Path(tmp) / "run",
-                                        on_epoch=lambda r, n=name: print(n, r["epoch"], round(r["valid_ndcg@10"], 4), flush=True))
+                                        on_epoch=lambda r, n=name: print(n, r["epoch"], round(r["valid_ndcg@10"], 4),
+                                                                        flush=True))
         popularity = summary["popularity_test"]
         t = summary["test"]
         eps = f"{summary['dp']['epsilon']:.2f}" if summary["dp"]["enabled"] else "∞"

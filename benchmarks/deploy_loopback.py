@@ -104,6 +104,13 @@ def installed_mb(distributions: tuple[str, ...]) -> dict[str, float]:
     return sizes
 
 
+def _export_line(model: str, quantize: str) -> str:
+    """What `fedrec export` printed for the run folder `model`: file size and latency, on one line."""
+    printed = subprocess.run([*FEDREC, "export", "--model", model, "--quantize", quantize],
+                             capture_output=True, text=True, check=True).stdout
+    return printed.replace("\n", " ").split(": ", 1)[1].strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -114,11 +121,10 @@ def main() -> None:
         for poll in ("1.0", "0.1"):
             results[poll] = deployment(Path(tmp) / f"poll-{poll}", args.rounds, poll)
             r = results[poll]
-            rows.append(f"| {poll} s | {r['s_per_round']:.1f} | {r['wall']:.0f} | {r['idle_mb']:.0f} | {r['busy_mb']:.0f} |")
+            rows.append(f"| {poll} s | {r['s_per_round']:.1f} | {r['wall']:.0f} | {r['idle_mb']:.0f} "
+                        f"| {r['busy_mb']:.0f} |")
             print(rows[-1], flush=True)
-        exports = [subprocess.run([*FEDREC, "export", "--model", results["0.1"]["out"], "--quantize", q],
-                                  capture_output=True, text=True, check=True).stdout.replace("\n", " ").split(": ", 1)[1].strip()
-                   for q in ("none", "int8")]
+        exports = [_export_line(results["0.1"]["out"], q) for q in ("none", "int8")]
     local = in_process_round(args.rounds)
     startup = clientapp_startup()
     sizes = installed_mb(CLIENT_DISTRIBUTIONS)
@@ -130,7 +136,8 @@ def main() -> None:
         f"server's 400 held-out users); TLS and SuperNode authentication; DP on; {args.rounds} rounds; each "
         "SuperNode's memory is the sum over its processes (SuperNode, SuperExec, the ClientApp process of a message).",
         "",
-        "| SuperExec poll interval | s/round | `fedrec run` wall s | idle MB per SuperNode | busy MB per SuperNode (peak) |",
+        "| SuperExec poll interval | s/round | `fedrec run` wall s | idle MB per SuperNode "
+        "| busy MB per SuperNode (peak) |",
         "|---|---|---|---|---|",
         *rows,
         "",
@@ -138,7 +145,7 @@ def main() -> None:
         f"A fresh Python importing the ClientApp: {startup:.1f} s (paid by every message: Flower starts one "
         "`flwr-clientapp` process per message).",
         "",
-        f"Client install (the packages a device needs): "
+        "Client install (the packages a device needs): "
         + ", ".join(f"{k} {v:.0f} MB" for k, v in sizes.items())
         + f"; total {sum(sizes.values()):.0f} MB. Ray, which only the simulation extra installs: {ray:.0f} MB.",
         "",

@@ -67,7 +67,7 @@ def measure(name: str, repeats: int, batch_size: int, profile: bool) -> tuple[li
     # Columns the model reads once each batch is cut to its longest history, against full width.
     batches = np.sort(lengths)[np.arange(batch_size - 1, users + batch_size - 1, batch_size).clip(max=users - 1)]
     read = sum(int(width) * min(batch_size, users - start)
-               for start, width in zip(range(0, users, batch_size), batches))
+               for start, width in zip(range(0, users, batch_size), batches, strict=True))
     size = f"{name} ({users:,} users × {data.num_items:,} items)"
     print(f"{size}: history length mean {lengths.mean():.1f}, median {np.median(lengths):g}, max {lengths.max()} "
           f"of {cfg.max_len}; the model reads {read / inputs.size:.0%} of the padded columns", flush=True)
@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512, help="users per batch (evaluate_model's default)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--smoke", action="store_true", help="synthetic data, one repeat, nothing written")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler's busiest operators; nothing written")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's busiest operators; nothing written")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     name = "synthetic" if args.smoke else "beauty"

@@ -91,7 +91,8 @@ def engines_side_by_side(rounds: int, data_dir: Path, workdir: Path) -> str:
         ray_rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
         local_s = sum(r["seconds"] for r in local["rounds"][1:]) / rounds
         ray_s = sum(r["seconds"] for r in ray_rounds) / rounds
-        rows.append(f"| {name}, {supernodes} clients, {ray_rounds[0]['sampled']} a round | {local_s:.1f} | {ray_s:.1f} | "
+        rows.append(f"| {name}, {supernodes} clients, {ray_rounds[0]['sampled']} a round | {local_s:.1f} | "
+                    f"{ray_s:.1f} | "
                     f"{ray_s / local_s:.1f}× | {local['wall']:.1f} / {ray.wall_s:.1f} | "
                     f"{local['peak_mb']:.0f} / {ray.peak_rss_mb:.0f} |")
         print(rows[-1], flush=True)

@@ -151,7 +151,7 @@ def load_clients(data: str | None, max_len: int, synthetic: bool) -> tuple[list[
         from common.loaders import read_interactions
     except ImportError as e:
         if fmt != "seq":
-            raise SystemExit(f"fedrec's loaders do not import here ({e}); the fallback reads seq files only")
+            raise SystemExit(f"fedrec's loaders do not import here ({e}); the fallback reads seq files only") from None
         with path.open(encoding="utf-8") as f:
             sequences, num_items = read_seq(f)
         return client_windows(sequences, max_len), num_items, "pfl_peer.read_seq"
@@ -172,7 +172,6 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # pfl draws its seeds from numpy's global state
     # The framework module is chosen when pfl.model.pytorch is imported: import it first.
-    from pfl.model.pytorch import PyTorchModel
     import pfl
     from pfl.aggregate.simulate import SimulatedBackend
     from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
@@ -182,6 +181,7 @@ def worker(args: argparse.Namespace) -> dict:
     from pfl.data.sampling import MinimizeReuseUserSampler
     from pfl.hyperparam import NNTrainHyperParams
     from pfl.metrics import Metrics, Weighted
+    from pfl.model.pytorch import PyTorchModel
     from pfl.privacy import GaussianMechanism
 
     sys.path.insert(0, str(ROOT))

@@ -55,7 +55,8 @@ def run_dataset(name: str, epsilons: list[float], rounds: int | None, central_ep
         entry["runs"][str(epsilon)] = {
             "epsilon_spent": s["dp"]["epsilon_max"] if s["dp"]["enabled"] else None,
             "test_ndcg@10": s["test"]["ndcg@10"], "test_hr@10": s["test"]["hr@10"],
-            "rounds": len(per_round) - 1, "seconds_per_round": sum(r["seconds"] for r in per_round[1:]) / (len(per_round) - 1),
+            "rounds": len(per_round) - 1,
+            "seconds_per_round": sum(r["seconds"] for r in per_round[1:]) / (len(per_round) - 1),
             "curve": [[r["round"], r["ndcg@10"]] for r in per_round if "ndcg@10" in r]}
         print(name, epsilon, entry["runs"][str(epsilon)]["test_ndcg@10"], flush=True)
     return entry
@@ -124,7 +125,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--epsilons", type=float, nargs="*", default=EPSILONS)
     parser.add_argument("--rounds", type=int, default=None, help="rounds for every run (default: the recipes')")
-    parser.add_argument("--central-epochs", type=int, default=None, help="most centralized epochs (default: the recipe's 60)")
+    parser.add_argument("--central-epochs", type=int, default=None,
+                        help="most centralized epochs (default: the recipe's 60)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the table and plots from stored results")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

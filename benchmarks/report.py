@@ -25,7 +25,8 @@ def require_shared(relative: str) -> Path:
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
+    return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def write_section(name: str, body: str, *, kept: list[str] = ()) -> None:

@@ -75,15 +75,17 @@ def main() -> None:
                         f"{t['ndcg@10']:.4f} / {t['target-exposure@10']:.3f}"
                     print(name, cells[f"{setting}, {condition}"][defence], flush=True)
     order = [f"{s}, {c}" for s in SETTINGS for c in ["clean"] + [f"{a} {f:.0%}" for f in (0.1, 0.2) for a in ATTACKS]]
-    earlier = {key: dict(zip(DEFENCES, row)) for key, row in table_cells("robustness-ml100k").items()}
-    reused = any(earlier.get(key, {}).get(d, "–") != "–" for key, row in cells.items() for d in DEFENCES if d not in row)
+    earlier = {key: dict(zip(DEFENCES, row, strict=False)) for key, row in table_cells("robustness-ml100k").items()}
+    reused = any(earlier.get(key, {}).get(d, "–") != "–"
+                 for key, row in cells.items() for d in DEFENCES if d not in row)
     rows = {key: f"| {key} | " + " | ".join(row.get(d) or earlier.get(key, {}).get(d, "–") for d in DEFENCES) + " |"
             for key, row in cells.items()}  # a run of some defences keeps the other defences' cells
     table, kept = merge_rows("robustness-ml100k", rows, order, cells_kept=reused)
     write_section("robustness-ml100k", "\n".join([
         "## Attacks and defences on MovieLens 100K",
         "",
-        f"Non-private; cross-silo: 10 clients, {SETTINGS['cross-silo']['num-server-rounds']} rounds; cross-device: 94 of "
+        f"Non-private; cross-silo: 10 clients, {SETTINGS['cross-silo']['num-server-rounds']} rounds; "
+        "cross-device: 94 of "
         f"943 clients a round, {SETTINGS['cross-device']['num-server-rounds']} rounds (recipes of the federated "
         f"benchmark, fewer rounds). Attackers: `attack-scale` 10, chosen from the seed; the target attack pushes item "
         f"{target} (a rarely watched film). Each cell: test NDCG@10 / share of users with item {target} in their top "

@@ -164,7 +164,8 @@ def round_against_epoch(name: str, workdir: Path) -> tuple[str, dict[str, Any]]:
     before = BEFORE.get(name, {})
     row = (f"| {name} | {central['windows']:,} windows, {fed['trained']:,} clients | {central['seconds']:.1f} | "
            f"{fed['seconds']:.1f} | **{ratio:.2f}×** {'✓' if ratio <= GOALS['round'] else '✗'} "
-           f"(before {before.get('ratio', '–')}×) | {per_client:.2f} | {central['peak_mb']:.0f} / {fed['peak_mb']:.0f} |")
+           f"(before {before.get('ratio', '–')}×) | {per_client:.2f} | "
+           f"{central['peak_mb']:.0f} / {fed['peak_mb']:.0f} |")
     print(row, flush=True)
     return row, {"central": central, "round": fed, "ms_per_client": per_client}
 
@@ -194,7 +195,8 @@ def main() -> None:
     parser.add_argument("--pfl-cohort", type=int, default=1000, help="clients a round in (3); 0 skips it")
     parser.add_argument("--engine-rounds", type=int, default=2, help="rounds per engine in (4); 0 skips it")
     parser.add_argument("--smoke", action="store_true", help="synthetic data, tiny sizes, nothing written")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler's busiest operators per step kind; nothing written")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's busiest operators per step kind; nothing written")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -204,9 +206,9 @@ def main() -> None:
     names = ["synthetic"] if args.smoke else args.datasets
     with tempfile.TemporaryDirectory() as tmp:
         # (2) and (3) first, while this process is small: a child's peak RSS counts what it inherited.
-        rounds, found = zip(*[round_against_epoch(name, Path(tmp)) for name in names]) if names and not args.profile \
-            else ((), ())
-        results = dict(zip(names, found))
+        measured = [round_against_epoch(name, Path(tmp)) for name in names] if not args.profile else []
+        rounds, found = zip(*measured, strict=True) if measured else ((), ())
+        results = dict(zip(names, found, strict=True))
         peer = pfl_side_by_side(args.pfl_cohort, Path(tmp)) if args.pfl_cohort and not (args.smoke or args.profile) \
             else "| (not run) | | | | |"
     steps = step_ratios(names, [1, 3, 16] if args.smoke else args.batches, 2 if args.smoke else args.repeats,
@@ -224,7 +226,8 @@ def main() -> None:
         epoch_line = (f"Centralized DP epoch on Amazon Beauty: {beauty['central']['seconds']:.1f} s against "
                       f"{BEFORE['beauty']['epoch_s']:.0f} s before, **{speedup:.1f}×** faster "
                       f"{'✓' if speedup >= GOALS['epoch_speedup'] else '✗'} (goal ≥ {GOALS['epoch_speedup']:g}×). "
-                      f"The round over all {beauty['round']['trained']:,} Beauty users: {beauty['round']['seconds']:.1f} s, "
+                      f"The round over all {beauty['round']['trained']:,} Beauty users: "
+                      f"{beauty['round']['seconds']:.1f} s, "
                       f"{beauty['ms_per_client']:.2f} ms per client (before {BEFORE['beauty']['round_s']:.0f} s, "
                       f"{BEFORE['beauty']['ms_per_client']} ms; goal ≤ {GOALS['ms_per_client']:g} ms).")
     write_section("speed", "\n".join([

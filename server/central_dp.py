@@ -17,7 +17,6 @@ everyone who sees the released models, assuming the server adds the noise honest
 
 from __future__ import annotations
 
-
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -43,8 +42,8 @@ def noise_multiplier(cfg: Config, num_clients: int) -> float:
         return cfg.central_noise_multiplier
     with quiet_opacus():
         return float(get_noise_multiplier(target_epsilon=cfg.central_target_epsilon, target_delta=cfg.delta,
-                                          sample_rate=sample_rate(cfg, num_clients), steps=cfg.num_server_rounds, accountant="prv",
-                                          epsilon_tolerance=0.05))
+                                          sample_rate=sample_rate(cfg, num_clients), steps=cfg.num_server_rounds,
+                                          accountant="prv", epsilon_tolerance=0.05))
 
 
 def wrap(strategy: Strategy, cfg: Config, num_clients: int) -> Strategy:

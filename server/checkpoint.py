@@ -2,7 +2,8 @@
 
 It holds the global weights, FedAdam's moments, the clients' reported ε, the server's participation
 record, a fingerprint of the input data and, with the in-process grid, its clients' Flower state
-(their privacy ledgers); a deployed client keeps its ledger on its own device instead. Resuming also drops the metrics.jsonl lines of rounds after the checkpoint.
+(their privacy ledgers); a deployed client keeps its ledger on its own device instead. Resuming
+also drops the metrics.jsonl lines of rounds after the checkpoint.
 """
 
 from __future__ import annotations

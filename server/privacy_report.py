@@ -110,7 +110,7 @@ def _check(name: str, history: tuple, reported: float | None, delta: float) -> C
 
 def _same(a: tuple[Mechanism, ...], b: tuple[Mechanism, ...]) -> bool:
     return len(a) == len(b) and all(x[2] == y[2] and math.isclose(x[0], y[0], rel_tol=1e-9)
-                                    and math.isclose(x[1], y[1], rel_tol=1e-12) for x, y in zip(a, b))
+                                    and math.isclose(x[1], y[1], rel_tol=1e-12) for x, y in zip(a, b, strict=True))
 
 
 def _close(a: float, b: float) -> bool:

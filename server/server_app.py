@@ -69,8 +69,8 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
              clients, held_out.num_users, fed.data.num_items, held_out.popularity("valid")["ndcg@10"])
     end_of_round = _RoundEnd(cfg, out, model, held_out, strategy, grid, state, origin)
 
-    result = strategy.start(grid=grid, initial_arrays=state["arrays"], num_rounds=cfg.num_server_rounds - state["round"],
-                            timeout=cfg.round_timeout,
+    result = strategy.start(grid=grid, initial_arrays=state["arrays"],
+                            num_rounds=cfg.num_server_rounds - state["round"], timeout=cfg.round_timeout,
                             train_config=catalogue_config, evaluate_config=catalogue_config, evaluate_fn=end_of_round)
     if state["round"] == 0 and not any(book.get("aggregated") for book in strategy.rounds.values()):
         raise NoProgressError("no round was aggregated: every sampled client declined, failed or was rejected "

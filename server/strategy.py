@@ -220,8 +220,9 @@ def _inspect(batch: list[Message], reference: ArrayRecord) -> tuple[dict[str, to
     finite = np.ones(len(batch), dtype=bool)
     squared = torch.zeros(len(batch), dtype=torch.float64)
     for key, stack in arrays.items():
-        finite &= np.isfinite(stack.reshape(len(batch), -1)).all(1)  # NumPy's check: torch's cost 8× more here (measured)
-        update = torch.from_numpy(stack).reshape(len(batch), -1) - torch.from_numpy(reference[key].numpy()).reshape(1, -1)
+        finite &= np.isfinite(stack.reshape(len(batch), -1)).all(1)  # NumPy's: torch's cost 8× more here (measured)
+        start = torch.from_numpy(reference[key].numpy()).reshape(1, -1)
+        update = torch.from_numpy(stack).reshape(len(batch), -1) - start
         squared += torch.linalg.vector_norm(update, dim=1, dtype=torch.float64).square()
     stacks = {key: torch.from_numpy(stack) for key, stack in arrays.items()}
     return stacks, finite, np.where(finite, squared.sqrt().numpy(), np.inf)
@@ -247,7 +248,8 @@ class _WeightedSum:
         picked = torch.tensor(rows)
         for key, stack in stacks.items():
             chosen = stack[picked] if len(rows) < len(stack) else stack
-            part = (weights.to(stack.dtype) @ chosen.reshape(len(rows), -1)).reshape(stack.shape[1:])  # (K,) @ (K, size)
+            # (K,) @ (K, size)
+            part = (weights.to(stack.dtype) @ chosen.reshape(len(rows), -1)).reshape(stack.shape[1:])
             self.arrays.setdefault(key, torch.zeros(part.shape, dtype=torch.float64))
             self.arrays[key] += part
         for record, weight in zip(records, weights.tolist(), strict=True):
@@ -255,7 +257,8 @@ class _WeightedSum:
                 self.metrics[key] = self.metrics.get(key, 0.0) + float(value) * weight
 
     def result(self) -> tuple[ArrayRecord, MetricRecord]:
-        arrays = ArrayRecord({k: Array((v / self.weight).numpy()) for k, v in self.arrays.items()})  # cast by the caller
+        # cast to the global model's dtypes by the caller
+        arrays = ArrayRecord({k: Array((v / self.weight).numpy()) for k, v in self.arrays.items()})
         return arrays, MetricRecord({k: v / self.weight for k, v in self.metrics.items()})
 
 

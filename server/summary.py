@@ -35,7 +35,8 @@ def build(cfg: Config, clients: int, held_out: HeldOut, model: torch.nn.Module, 
                     "target_item": cfg.target_item} if cfg.attack != "none" else {"kind": "none"}),
         "seconds": time.perf_counter() - started,
         "dp": _local_dp(cfg, list(epsilons.values())),
-        "central_dp": central_dp.guarantee(cfg, clients, cfg.num_server_rounds) if cfg.central_dp else {"enabled": False},
+        "central_dp": (central_dp.guarantee(cfg, clients, cfg.num_server_rounds) if cfg.central_dp
+                       else {"enabled": False}),
         "secure_aggregation": secagg.summary(cfg),
     }
 

@@ -20,7 +20,8 @@ def superlink_command(bin_dir: Path, *, host: str, port: int, state_dir: Path, c
     if certfile is None:
         command.append("--insecure")
     else:
-        command += ["--ssl-certfile", str(certfile), "--ssl-keyfile", str(keyfile), "--ssl-ca-certfile", str(ca_certfile)]
+        command += ["--ssl-certfile", str(certfile), "--ssl-keyfile", str(keyfile),
+                    "--ssl-ca-certfile", str(ca_certfile)]
     if auth:
         command.append("--enable-supernode-auth")
     return command

@@ -58,11 +58,15 @@ def with_attackers(client_app: ClientApp, cfg: Config, num_clients: int) -> Clie
         if partition not in malicious or message.metadata.message_type != MessageType.TRAIN:
             return client_app(message=message, context=context)
         start = {k: message.content[ARRAYS][k].numpy() for k in message.content[ARRAYS].keys()}
-        reply = _fake_training(cfg, message, partition, target) if cfg.attack == "target" else client_app(message=message, context=context)
+        if cfg.attack == "target":
+            reply = _fake_training(cfg, message, partition, target)
+        else:
+            reply = client_app(message=message, context=context)
         if reply.has_error() or ARRAYS not in reply.content:
             return reply
         update = {k: reply.content[ARRAYS][k].numpy() - start[k] for k in start}
-        poisoned = _poison(cfg, update, np.random.default_rng([cfg.seed, partition, int(message.content["config"]["server-round"])]))
+        server_round = int(message.content["config"]["server-round"])
+        poisoned = _poison(cfg, update, np.random.default_rng([cfg.seed, partition, server_round]))
         reply.content[ARRAYS] = ArrayRecord({k: Array((start[k] + poisoned[k]).astype(start[k].dtype)) for k in start})
         return reply
 

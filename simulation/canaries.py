@@ -32,10 +32,9 @@ def plant(data: SequenceData, out: Path, *, count: int, length: int, repeats: in
     rng = np.random.default_rng(seed)
     canaries = [rng.choice(np.arange(1, data.num_items + 1), size=length, replace=False).tolist()
                 for _ in range(2 * count)]
-    planted, held_out = canaries[:count], canaries[count:]
     hosts = rng.choice(len(data.sequences), size=(count, repeats), replace=False)
     sequences = [s.tolist() for s in data.sequences]
-    for canary, users in zip(planted, hosts):
+    for canary, users in zip(canaries[:count], hosts, strict=True):
         for u in users:
             sequences[u] = sequences[u][:-2] + canary + sequences[u][-2:]
     with staged_output(out) as stage:

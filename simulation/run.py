@@ -10,11 +10,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from client.client_app import LEDGER, app as client_app
+from client.client_app import LEDGER
+from client.client_app import app as client_app
 from common import artifacts
 from common.config import Config
 from common.federation import federation
-from server.server_app import app as server_app, show_progress
+from server.server_app import app as server_app
+from server.server_app import show_progress
 from simulation.attacks import with_attackers
 from simulation.grid import COHORT_SIZE, InProcessGrid, run_server_app
 
@@ -27,7 +29,8 @@ def simulate(cfg: Config, *, quiet: bool = False, cohort_size: int = COHORT_SIZE
     logging.getLogger("flwr").setLevel(logging.WARNING)  # fedrec prints its own line per round
     show_progress(not quiet)
     clients = len(federation(cfg).clients)
-    grid = InProcessGrid(with_attackers(client_app, cfg, clients), clients, cfg.to_run_config(), cohort_size=cohort_size)
+    grid = InProcessGrid(with_attackers(client_app, cfg, clients), clients, cfg.to_run_config(),
+                         cohort_size=cohort_size)
     run_server_app(server_app, grid)
     out = Path(cfg.out_dir)
     _copy_ledgers(grid, out / artifacts.LEDGERS)

@@ -100,6 +100,7 @@ def test_resume_refuses_changed_input_data(tmp_path, monkeypatch):
     assert (out / "metrics.jsonl").read_text() == metrics  # untouched
     _seq_file(data, users=30)
     federation.cache_clear()  # a new process would read the file again
-    with pytest.raises(DataError, match=r"config.json differs from the settings the run started with \(lr: 0.01 -> 0.5\)"):
+    changed = r"config.json differs from the settings the run started with \(lr: 0.01 -> 0.5\)"
+    with pytest.raises(DataError, match=changed):
         simulate(Config.from_run_config({**settings, "lr": 0.5, "resume": True}), quiet=True)
     assert simulate(Config.from_run_config({**settings, "resume": True}), quiet=True)["setting"]["rounds"] == 2

@@ -25,7 +25,8 @@ def test_central_dp_clips_every_update_on_the_device(tmp_path):
     round 1 moves the model by about C at most; unclipped, the updates are ~100x larger."""
     clip = 1e-3
     cfg = Config.from_run_config({**SMALL, "dp": False, "central-dp": True, "central-clip": clip,
-                                  "central-noise-multiplier": 0.01, "num-server-rounds": 1, "out-dir": str(tmp_path / "c")})
+                                  "central-noise-multiplier": 0.01, "num-server-rounds": 1,
+                                  "out-dir": str(tmp_path / "c")})
     torch.manual_seed(cfg.seed)
     from common.model import build_model
     start = build_model(cfg, 30).state_dict()

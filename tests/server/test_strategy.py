@@ -238,9 +238,7 @@ def test_resumed_strategy_samples_the_rounds_it_replays():
 
 
 def test_make_strategy_follows_the_config():
-    from flwr.serverapp.strategy import FedAdam
-
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam
 
     from common.config import Config, ConfigError
 
@@ -301,7 +299,8 @@ def test_a_finite_reply_whose_update_overflows_float32_is_not_called_nonfinite()
     nan = Array(np.array([0.0, np.nan, 0.0], dtype=np.float32))
     with server_task_identity(1):
         instruction = Message(RecordDict({"arrays": reference}), dst_node_id=NODE_ID_OFFSET, message_type="train")
-    replies = [train_reply(instruction, ArrayRecord({"w": a}), TrainMetrics(num_examples=1, train_loss=0.0, epsilon=0.0))
+    metrics = TrainMetrics(num_examples=1, train_loss=0.0, epsilon=0.0)
+    replies = [train_reply(instruction, ArrayRecord({"w": a}), metrics)
                for a in (huge, nan)]
     _, finite, norms = _inspect(replies, reference)
     assert finite.tolist() == [True, False]

@@ -32,7 +32,8 @@ def target() -> str:
 
 def run(tmp_path, name: str, target: str, **settings) -> tuple[dict, list[dict]]:
     out = tmp_path / name
-    summary = simulate(Config.from_run_config({**BASE, "target-item": target, "out-dir": str(out), **settings}), quiet=True)
+    cfg = Config.from_run_config({**BASE, "target-item": target, "out-dir": str(out), **settings})
+    summary = simulate(cfg, quiet=True)
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return summary["test"], rounds
 

@@ -100,7 +100,8 @@ def test_secure_aggregation_gives_the_same_model_up_to_its_quantisation(tmp_path
     models, summaries = {}, {}
     for secagg in (False, True):
         out = tmp_path / f"secagg-{secagg}"
-        cfg = Config.from_run_config({**SMALL, "dp": False, "num-server-rounds": 1, "secagg": secagg, "out-dir": str(out)})
+        cfg = Config.from_run_config({**SMALL, "dp": False, "num-server-rounds": 1, "secagg": secagg,
+                                      "out-dir": str(out)})
         summaries[secagg] = simulate(cfg, quiet=True)
         models[secagg] = torch.load(out / "model.pt", weights_only=True)
         assert _metrics(out)[1]["trained"] == 4
