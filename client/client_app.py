@@ -20,7 +20,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 from client.secagg import secure_aggregation_mod
 from client import cohort
-from client.training import ClientJob, batches_per_epoch, noise_multiplier_for
+from client.training import ClientJob, batches_per_epoch, noise_multiplier_for, sample_rate
 from common.config import Config
 from common.federation import ClientData, client_data, local_client_data
 from common.flower_compat import array_of
@@ -46,7 +46,8 @@ def train_round(msg: Message, context: Context) -> Message:
     if cfg.dp:
         sigma = _noise_multiplier(cfg, len(data.windows), context)
         batches = batches_per_epoch(len(data.windows), cfg.batch_size)
-        after = ledger.planned(sigma, 1 / batches, cfg.local_epochs * batches).epsilon(cfg.delta)
+        after = ledger.planned(sigma, sample_rate(len(data.windows), cfg.batch_size),
+                               cfg.local_epochs * batches).epsilon(cfg.delta)
         if after > cfg.target_epsilon * (1 + 1e-9):
             spent = ledger.epsilon(cfg.delta)
             return declined_reply(msg, spent, f"privacy budget: ε would reach {after:.3f} > target "

@@ -138,7 +138,8 @@ class _Cohort:
                        for name, p in model.named_parameters()}
         self.optimizer = OPTIMIZERS[cfg.optimizer](self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
-        self.steps = batches_per_epoch(len(jobs[0].windows), cfg.batch_size)
+        self.steps = batches_per_epoch(len(jobs[0].windows), cfg.batch_size)  # the same for every job (`_chunks`)
+        self.rate = sample_rate(len(jobs[0].windows), cfg.batch_size)
         self.dp = jobs[0].noise_multiplier is not None
         self.windows = [torch.from_numpy(job.windows) for job in jobs]
         self.head = OUTER[1] if OUTER[1] in self.params else OUTER[0]  # the output layer's table (tied: the embedding)
@@ -159,7 +160,7 @@ class _Cohort:
                 self.optimizer.step()
                 for c, (pick, accountant) in enumerate(zip(picks, accountants, strict=True)):
                     if accountant is not None:
-                        accountant.step(noise_multiplier=self.jobs[c].noise_multiplier, sample_rate=1 / self.steps)
+                        accountant.step(noise_multiplier=self.jobs[c].noise_multiplier, sample_rate=self.rate)
                     if len(pick):  # Poisson sampling can draw an empty batch: still a DP step
                         totals[c] += step_losses[c]
                         batches[c] += 1
@@ -182,9 +183,9 @@ class _Cohort:
 
     def _sample(self, c: int, order: torch.Tensor | None, step: int) -> torch.Tensor:
         """The window indices of client c's batch: Poisson under DP (Opacus's
-        `UniformWithReplacementSampler`: each window with probability 1 / steps), else shuffled."""
+        `UniformWithReplacementSampler`: each window with probability `sample_rate`), else shuffled."""
         if self.dp:
-            return (torch.rand(len(self.windows[c]), generator=self.generators[c]) < 1 / self.steps).nonzero().flatten()
+            return (torch.rand(len(self.windows[c]), generator=self.generators[c]) < self.rate).nonzero().flatten()
         return order[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
 
     def _weights(self, c: int) -> dict[str, torch.Tensor]:
@@ -470,33 +471,38 @@ def _epsilon(accountant: PRVAccountant | None, delta: float) -> float | None:
 
 
 def noise_multiplier_for(cfg: Config, num_windows: int, epochs: int) -> float:
-    """σ from the config: given outright, or the smallest that keeps `epochs` under target ε.
-
-    The sample rate is the one Opacus's Poisson loader uses (1 / batches per epoch), so σ
-    depends on the window count only through the batches per epoch.
-    """
+    """σ from the config: given outright, or the smallest that keeps `epochs` under target ε
+    at the rate and steps training will run (`sample_rate`, `batches_per_epoch`)."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    return _searched_noise_multiplier(cfg.target_epsilon, cfg.delta, batches_per_epoch(num_windows, cfg.batch_size), epochs)
+    return _searched_noise_multiplier(cfg.target_epsilon, cfg.delta, sample_rate(num_windows, cfg.batch_size),
+                                      epochs * batches_per_epoch(num_windows, cfg.batch_size))
 
 
 @cached(1024)
-def _searched_noise_multiplier(target_epsilon: float, delta: float, batches: int, epochs: int) -> float:
+def _searched_noise_multiplier(target_epsilon: float, delta: float, rate: float, steps: int) -> float:
     """Cached: a search takes 0.1 s or more, and a round's clients share a handful of plans."""
     with quiet_opacus():
         return get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
-            sample_rate=1 / batches,
-            steps=epochs * batches,
+            sample_rate=rate,
+            steps=steps,
             accountant=ACCOUNTANT,
             epsilon_tolerance=0.05,  # each PRV evaluation is slow; ε ends within 0.05 below target
         )
 
 
 def batches_per_epoch(num_windows: int, batch_size: int) -> int:
-    """Steps in one epoch; under Poisson sampling each window is drawn with rate 1 / this."""
+    """Steps in one epoch, as many as a plain loader's batches."""
     return math.ceil(num_windows / batch_size)
+
+
+def sample_rate(num_windows: int, batch_size: int) -> float:
+    """The probability that a DP step samples a given window, the q of the ledger: 1 / batches per
+    epoch, as Opacus's `DPDataLoader` sets it. The one definition that sampling, the accountant,
+    the budget check and the σ search all use, so that ε is computed for the steps that ran."""
+    return 1 / batches_per_epoch(num_windows, batch_size)
 
 
 def dp_unit(max_len: int) -> str:
