@@ -31,16 +31,13 @@ from torch.func import functional_call, grad, vmap
 from common.config import Config
 from common.memo import cached
 from common.model import window_losses
-from common.privacy import Ledger, quiet_opacus
+from common.privacy import Ledger, Mechanism, quiet_opacus
 
 ACCOUNTANT = "prv"
 
 # Adam suits long runs (centralized training); plain SGD suits a federated client's few steps
 # from a fresh optimizer, where Adam's first steps are sign-like and would amplify DP noise.
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-
-# (noise multiplier, sample rate, steps): Opacus's accountant history, the privacy ledger's unit
-MechanismHistory = list[tuple[float, float, int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +47,7 @@ class ClientJob:
     windows: np.ndarray  # (W, max_len+1)
     seed: int
     noise_multiplier: float | None = None  # None: no DP
-    history: tuple[tuple[float, float, int], ...] = ()
+    history: tuple[Mechanism, ...] = ()
 
 
 @dataclasses.dataclass
@@ -58,7 +55,7 @@ class TrainResult:
     loss: float  # mean window loss of the last epoch trained
     epochs: int
     steps: int
-    history: MechanismHistory  # all mechanisms applied so far, the ones given included
+    history: list[Mechanism]  # Opacus's accountant history: all mechanisms so far, the ones given included
     epsilon: float | None  # cumulative ε at the config's δ, None without DP
     weights: dict[str, torch.Tensor]  # the trained parameters, by name (tied weights once)
 
@@ -70,7 +67,7 @@ def train(
     *,
     epochs: int,
     noise_multiplier: float | None = None,
-    history: Sequence[tuple[float, float, int]] = (),
+    history: Sequence[Mechanism] = (),
     seed: int = 0,
     on_epoch_end: Callable[[int, float, float | None], bool] | None = None,
 ) -> TrainResult:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import artifacts
 from common.errors import DataError
-from common.privacy import Ledger, independent_epsilon
+from common.privacy import Ledger, Mechanism, independent_epsilon
 
 TOLERANCE = 0.05  # PRV and PLD discretise differently: agreement within 5% relative (or 0.05 absolute)
 
@@ -24,7 +24,7 @@ TOLERANCE = 0.05  # PRV and PLD discretise differently: agreement within 5% rela
 @dataclasses.dataclass(frozen=True)
 class Check:
     name: str
-    history: tuple[tuple[float, float, int], ...]
+    history: tuple[Mechanism, ...]
     reported: float | None
     prv: float | None
     pld: float | None
