@@ -24,10 +24,13 @@ from flwr.common.constant import ErrorCode
 from client.client_app import LEDGER, app
 from client.training import batches_per_epoch
 from common.config import Config
+from common.dataset import eval_examples
 from common.federation import client_data, federation
 from common.flower_compat import server_task_identity, set_message_id
+from common.metrics import LIST_METRICS, evaluate_model
 from common.model import build_model
-from common.privacy import Ledger
+from common.privacy import Ledger, Mechanism
+from server.strategy import make_strategy
 from simulation.grid import InProcessGrid, default_node_config
 
 TINY: dict[str, Any] = {
@@ -72,7 +75,7 @@ def ledger_of(state: RecordDict) -> Ledger:
     return Ledger.from_json(str(state.config_records[LEDGER]["ledger"]))
 
 
-def pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+def pld_epsilon(history: tuple[Mechanism, ...], delta: float) -> float:
     accountant = PLDAccountant(value_discretization_interval=1e-3)
     for sigma, q, steps in history:
         accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
@@ -243,6 +246,27 @@ def test_evaluate_reports_ranking_metrics_over_the_clients_users():
         # evaluation spends no privacy budget
         assert LEDGER not in grid.node_states[grid.node_id_of(partition)].config_records
 
+
+def test_clients_evaluations_averaged_by_the_strategy_equal_one_evaluation_of_all_their_users():
+    """What the server reports as federated metrics (Flower's user-weighted mean of the clients'
+    replies) is the evaluation of every client's users at once; the list metrics, which a mean
+    would understate, are left out."""
+    run_config = {**DP, "num-clients": 3}  # 14, 13 and 13 users: the weights matter
+    cfg = Config.from_run_config(run_config)
+    grid = InProcessGrid(app, 3, run_config)
+    arrays = initial_arrays(run_config)
+    replies = [send(grid, partition, MessageType.EVALUATE, arrays) for partition in range(3)]
+    federated = make_strategy(cfg, 3).aggregate_evaluate(1, replies)
+    fed = federation(cfg)
+    model = build_model(cfg, fed.data.num_items)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    users = fed.data.sequences.subset(np.concatenate(fed.clients))
+    pooled = evaluate_model(model, *eval_examples(users, "valid", cfg.max_len), fed.data.num_items, ks=(10,))
+    expected = {k: v for k, v in pooled.items() if k != "users" and not k.startswith(LIST_METRICS)}
+    assert {k: federated[k] for k in expected} == pytest.approx(expected, rel=1e-9)
+    unweighted = np.mean([r.content["metrics"]["hr@10"] for r in replies])
+    assert unweighted != pytest.approx(expected["hr@10"], rel=1e-9)  # so the test sees the weighting
+    assert not any(k.startswith(LIST_METRICS) for k in federated)
 
 
 def test_derived_noise_is_sized_for_all_planned_rounds(monkeypatch: pytest.MonkeyPatch):
