@@ -23,7 +23,7 @@ from flwr.common.constant import ErrorCode
 
 from client.client_app import LEDGER, app
 from client.training import batches_per_epoch
-from common.config import Config
+from common.config import Config, ConfigError
 from common.dataset import eval_examples
 from common.federation import client_data, federation
 from common.flower_compat import server_task_identity, set_message_id
@@ -296,15 +296,15 @@ def test_derived_noise_is_sized_for_all_planned_rounds(monkeypatch: pytest.Monke
     assert reply.content["metrics"]["epsilon"] == pytest.approx(ledger.epsilon(cfg.delta), rel=1e-9)
 
 
-def test_fixed_noise_without_a_budget_is_refused_or_trains():
-    from common.config import ConfigError
-
+def test_fixed_noise_without_a_budget_is_refused():
+    """With DP on, a fixed σ still needs a budget to keep to: the config is refused up front, and a
+    ClientApp handed it anyway (a node given a bad run config) fails the round and spends nothing."""
     run_config = {**TINY, "noise-multiplier": 1.0, "target-epsilon": 0.0}
-    try:
+    with pytest.raises(ConfigError, match="target-epsilon must be > 0"):
         Config.from_run_config(run_config)
-    except ConfigError:
-        return  # refusing the combination up front is a fine fix too
-    reply = send(InProcessGrid(app, 4, run_config), 0, MessageType.TRAIN, initial_arrays(run_config))
-    assert not reply.has_error(), reply.error
-    assert reply.content["metrics"]["declined"] == 0
-    assert reply.content["metrics"]["epsilon"] > 0
+    grid = InProcessGrid(app, 4, run_config)
+    reply = send(grid, 0, MessageType.TRAIN, initial_arrays(TINY))
+    assert reply.has_error()
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "target-epsilon must be > 0" in (reply.error.reason or "")
+    assert LEDGER not in grid.node_states[grid.node_id_of(0)].config_records
