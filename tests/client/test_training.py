@@ -63,7 +63,8 @@ def test_one_sample_rate_for_sampling_accounting_and_the_noise_search(monkeypatc
     loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(num_windows)), batch_size=batch_size))
     rate = sample_rate(num_windows, batch_size)
     assert rate == loader.sample_rate
-    cfg = Config.from_run_config({**cfg.to_run_config(), "batch-size": batch_size, "target-epsilon": 1000 + num_windows})
+    cfg = Config.from_run_config({**cfg.to_run_config(), "batch-size": batch_size,
+                                  "target-epsilon": 1000 + num_windows})  # a σ search of its own
     result = train(_model(), _windows()[:num_windows], cfg, epochs=2, noise_multiplier=1.0)
     assert result.history == [(1.0, rate, 2 * len(loader))]
     searched = {}
