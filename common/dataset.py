@@ -56,6 +56,7 @@ class Sequences:
 
     @classmethod
     def from_lengths(cls, items: np.ndarray, lengths: np.ndarray) -> Sequences:
+        """From the flat items and each user's number of them."""
         return cls(items.astype(np.int64, copy=False), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
 
     @property
@@ -78,8 +79,9 @@ class Sequences:
         """The sequences of `users`, in that order (one gather: a client's or the server's share)."""
         users = np.asarray(users, dtype=np.int64)
         lengths = self.lengths[users]
-        starts = np.repeat(self.offsets[:-1][users] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        return Sequences.from_lengths(self.items[starts + np.arange(len(starts))], lengths)
+        # where each output item sits in `items`: its user's start there, plus its place in the output
+        shift = np.repeat(self.offsets[:-1][users] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        return Sequences.from_lengths(self.items[shift + np.arange(len(shift))], lengths)
 
     def select(self, keep: np.ndarray) -> Sequences:
         """Only the items where `keep` (bool, one per item) holds; every user stays, maybe shorter."""
