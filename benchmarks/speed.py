@@ -8,7 +8,8 @@ in-process engine against Flower's Ray engine.
                                [--engine-rounds 2] [--smoke] [--profile]
 
 Every round and epoch of (2) runs in a child process of its own, so each peak memory is its own.
-`--smoke` runs (1) and (2) on the small synthetic data set and writes nothing (CI runs it).
+`--smoke` runs (1) and (2) on the small synthetic data set and writes nothing (CI runs it); its
+last line is what it measured, as JSON, so a test can check the table against the measurements.
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def step_seconds(kind: str, cfg, num_items: int, batch: torch.Tensor, repeats: i
     return statistics.median(times[1:])
 
 
-def step_ratios(names: list[str], batches: list[int], repeats: int, profile: bool = False) -> list[str]:
+def step_ratios(names: list[str], batches: list[int], repeats: int, profile: bool = False) -> list[dict[str, Any]]:
+    """Per data set and batch size: the seconds of each step kind, their ratio and the table row."""
     from common.dataset import load_dataset, training_windows
 
-    rows = []
+    measured = []
     for name in names:
         cfg = config(name)
         data = load_dataset(cfg)
@@ -109,12 +111,13 @@ def step_ratios(names: list[str], batches: list[int], repeats: int, profile: boo
             seconds = {kind: step_seconds(kind, cfg, data.num_items, batch, repeats, profile)
                        for kind in ("plain", "fedrec DP", "Opacus hooks")}
             ratio = seconds["fedrec DP"] / seconds["plain"]
-            rows.append(f"| {name} ({data.num_items:,} items) | {size} | {1000 * seconds['plain']:.1f} | "
-                        f"{1000 * seconds['fedrec DP']:.1f} | {1000 * seconds['Opacus hooks']:.1f} | "
-                        f"**{ratio:.2f}×** {'✓' if ratio <= GOALS['step'] else '✗'} | "
-                        f"{seconds['Opacus hooks'] / seconds['plain']:.2f}× |")
-            print(rows[-1], flush=True)
-    return rows
+            row = (f"| {name} ({data.num_items:,} items) | {size} | {1000 * seconds['plain']:.1f} | "
+                   f"{1000 * seconds['fedrec DP']:.1f} | {1000 * seconds['Opacus hooks']:.1f} | "
+                   f"**{ratio:.2f}×** {'✓' if ratio <= GOALS['step'] else '✗'} | "
+                   f"{seconds['Opacus hooks'] / seconds['plain']:.2f}× |")
+            print(row, flush=True)
+            measured.append({"data": name, "windows": len(batch), "seconds": seconds, "ratio": ratio, "row": row})
+    return measured
 
 
 # --- (2) A round against an epoch, each in a child process.
@@ -132,6 +135,7 @@ def worker(name: str, clients: int, out: Path) -> dict[str, Any]:
 
         summary = train_centralized(config(name, **DP, epochs=1, lr=0.01), out)
         return {"seconds": summary["seconds_per_epoch"], "windows": summary["training_windows"],
+                "epsilon": summary["dp"]["epsilon"],
                 "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     from simulation.run import simulate
 
@@ -167,7 +171,7 @@ def round_against_epoch(name: str, workdir: Path) -> tuple[str, dict[str, Any]]:
            f"(before {before.get('ratio', '–')}×) | {per_client:.2f} | "
            f"{central['peak_mb']:.0f} / {fed['peak_mb']:.0f} |")
     print(row, flush=True)
-    return row, {"central": central, "round": fed, "ms_per_client": per_client}
+    return row, {"central": central, "round": fed, "ratio": ratio, "ms_per_client": per_client, "row": row}
 
 
 # --- (3) pfl, (4) Ray.
@@ -213,7 +217,10 @@ def main() -> None:
             else "| (not run) | | | | |"
     steps = step_ratios(names, [1, 3, 16] if args.smoke else args.batches, 2 if args.smoke else args.repeats,
                         args.profile)
-    if args.smoke or args.profile:  # a look, not the benchmark: nothing written
+    if args.smoke:  # a look, not the benchmark: nothing written
+        print(json.dumps({"steps": steps, "rounds": results}))
+        return
+    if args.profile:
         return
     if args.engine_rounds:
         # (4) has its own section; a fresh parent process, so that its peak memory is its own.
@@ -238,7 +245,7 @@ def main() -> None:
         "output layer, clip, noise) and Opacus's hooks with its DPOptimizer (what fedrec used before). "
         f"Goal: DP / plain ≤ {GOALS['step']}×.", "",
         "| data | windows in the batch | plain ms | fedrec DP ms | Opacus hooks ms | fedrec DP / plain | "
-        "Opacus / plain |", "|---|---|---|---|---|---|---|", *steps, "",
+        "Opacus / plain |", "|---|---|---|---|---|---|---|", *(step["row"] for step in steps), "",
         "(2) One cross-device DP round with every user as a client (local DP-SGD, ε = 8, one local SGD epoch "
         "each, no norm bound, no federated evaluation; the in-process engine trains each cohort of 128 clients "
         "as one batch) against one centralized DP epoch (batch 256) over the same windows; the server's "

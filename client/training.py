@@ -29,14 +29,11 @@ from torch.func import functional_call, grad, vmap
 
 from common.config import Config
 from common.model import window_losses
-from common.privacy import Ledger, batches_per_epoch, quiet_opacus
+from common.privacy import Ledger, Mechanism, batches_per_epoch, quiet_opacus, sample_rate
 
 # Adam suits long runs (centralized training); plain SGD suits a federated client's few steps
 # from a fresh optimizer, where Adam's first steps are sign-like and would amplify DP noise.
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-
-# (noise multiplier, sample rate, steps): Opacus's accountant history, the privacy ledger's unit
-MechanismHistory = list[tuple[float, float, int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +43,7 @@ class ClientJob:
     windows: np.ndarray  # (W, max_len+1)
     seed: int
     noise_multiplier: float | None = None  # None: no DP
-    history: tuple[tuple[float, float, int], ...] = ()
+    history: tuple[Mechanism, ...] = ()
 
 
 @dataclasses.dataclass
@@ -54,7 +51,7 @@ class TrainResult:
     loss: float  # mean window loss of the last epoch trained
     epochs: int
     steps: int
-    history: MechanismHistory  # all mechanisms applied so far, the ones given included
+    history: list[Mechanism]  # Opacus's accountant history: all mechanisms so far, the ones given included
     epsilon: float | None  # cumulative ε at the config's δ, None without DP
     weights: dict[str, torch.Tensor]  # the trained parameters, by name (tied weights once)
 
@@ -66,7 +63,7 @@ def train(
     *,
     epochs: int,
     noise_multiplier: float | None = None,
-    history: Sequence[tuple[float, float, int]] = (),
+    history: Sequence[Mechanism] = (),
     seed: int = 0,
     on_epoch_end: Callable[[int, float, float | None], bool] | None = None,
 ) -> TrainResult:
@@ -134,7 +131,8 @@ class _Cohort:
                        for name, p in model.named_parameters()}
         self.optimizer = OPTIMIZERS[cfg.optimizer](self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
-        self.steps = batches_per_epoch(len(jobs[0].windows), cfg.batch_size)
+        self.steps = batches_per_epoch(len(jobs[0].windows), cfg.batch_size)  # the same for every job (`_chunks`)
+        self.rate = sample_rate(len(jobs[0].windows), cfg.batch_size)
         self.dp = jobs[0].noise_multiplier is not None
         self.windows = [torch.from_numpy(job.windows) for job in jobs]
         self.head = OUTER[1] if OUTER[1] in self.params else OUTER[0]  # the output layer's table (tied: the embedding)
@@ -155,7 +153,7 @@ class _Cohort:
                 self.optimizer.step()
                 for c, (pick, accountant) in enumerate(zip(picks, accountants, strict=True)):
                     if accountant is not None:
-                        accountant.step(noise_multiplier=self.jobs[c].noise_multiplier, sample_rate=1 / self.steps)
+                        accountant.step(noise_multiplier=self.jobs[c].noise_multiplier, sample_rate=self.rate)
                     if len(pick):  # Poisson sampling can draw an empty batch: still a DP step
                         totals[c] += step_losses[c]
                         batches[c] += 1
@@ -178,9 +176,9 @@ class _Cohort:
 
     def _sample(self, c: int, order: torch.Tensor | None, step: int) -> torch.Tensor:
         """The window indices of client c's batch: Poisson under DP (Opacus's
-        `UniformWithReplacementSampler`: each window with probability 1 / steps), else shuffled."""
+        `UniformWithReplacementSampler`: each window with probability `sample_rate`), else shuffled."""
         if self.dp:
-            return (torch.rand(len(self.windows[c]), generator=self.generators[c]) < 1 / self.steps).nonzero().flatten()
+            return (torch.rand(len(self.windows[c]), generator=self.generators[c]) < self.rate).nonzero().flatten()
         return order[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
 
     def _weights(self, c: int) -> dict[str, torch.Tensor]:

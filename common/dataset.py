@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,7 @@ from common.errors import DataError
 from common.loaders import Loaded, read_interactions, read_titles
 from common.synthetic import generate
 
-__all__ = ["DataError", "SequenceData", "clean", "load_dataset", "train_part", "eval_examples",
+__all__ = ["DataError", "Sequences", "SequenceData", "clean", "load_dataset", "train_part", "eval_examples",
            "training_windows", "window_counts", "item_index", "popularity", "stats", "cache_root"]
 
 MIN_SEQUENCE = 3       # leave-one-out needs one training item, a validation and a test target
@@ -37,15 +38,67 @@ _TITLE_FILES = {"ml-100k": "u.item", "ml-1m": "movies.dat", "ml-latest": "movies
 
 
 @dataclasses.dataclass(frozen=True)
+class Sequences:
+    """Users' item sequences, stored once as one flat array: user u's sequence is
+    `items[offsets[u]:offsets[u + 1]]`. Cleaning, the disk cache and every split helper use this
+    form as it is, so a data set is never copied into one array per user.
+    """
+
+    items: np.ndarray  # int64, every user's items in time order, user after user
+    offsets: np.ndarray  # int64 (U + 1,), from 0 to len(items)
+
+    @classmethod
+    def of(cls, sequences: Iterable[Iterable[int]]) -> Sequences:
+        """From one sequence per user (a generator's or a test's lists)."""
+        arrays = [np.asarray(s, dtype=np.int64) for s in sequences]
+        return cls.from_lengths(np.concatenate(arrays) if arrays else np.zeros(0, np.int64),
+                                np.array([len(a) for a in arrays], dtype=np.int64))
+
+    @classmethod
+    def from_lengths(cls, items: np.ndarray, lengths: np.ndarray) -> Sequences:
+        """From the flat items and each user's number of them."""
+        return cls(items.astype(np.int64, copy=False), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, user: int) -> np.ndarray:
+        """One user's sequence: a view, not a copy."""
+        if not 0 <= user < len(self):
+            raise IndexError(f"user {user} out of range for {len(self)} users")
+        return self.items[self.offsets[user]:self.offsets[user + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.items[a:b] for a, b in zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist(), strict=True))
+
+    def subset(self, users: np.ndarray) -> Sequences:
+        """The sequences of `users`, in that order (one gather: a client's or the server's share)."""
+        users = np.asarray(users, dtype=np.int64)
+        lengths = self.lengths[users]
+        # where each output item sits in `items`: its user's start there, plus its place in the output
+        shift = np.repeat(self.offsets[:-1][users] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        return Sequences.from_lengths(self.items[shift + np.arange(len(shift))], lengths)
+
+    def select(self, keep: np.ndarray) -> Sequences:
+        """Only the items where `keep` (bool, one per item) holds; every user stays, maybe shorter."""
+        owner = np.repeat(np.arange(len(self)), self.lengths)
+        return Sequences.from_lengths(self.items[keep], np.bincount(owner[keep], minlength=len(self)))
+
+
+@dataclasses.dataclass(frozen=True)
 class SequenceData:
     """Cleaned per-user sequences.
 
-    Item ids run 1..num_items (0 is padding); user u is row u. `item_ids[i - 1]` and
+    Item ids run 1..num_items (0 is padding); user u is `sequences[u]`. `item_ids[i - 1]` and
     `titles[i - 1]` are the raw id and title ("" when unknown) of item i. `item_groups[i]` is the
     latent group of item i, for synthetic data only (index 0 holds -1).
     """
 
-    sequences: list[np.ndarray]
+    sequences: Sequences
     num_items: int
     user_ids: np.ndarray
     item_ids: np.ndarray
@@ -138,9 +191,10 @@ def _from_files(cfg: Config, files: dict[str, Path]) -> SequenceData:
 
 
 def _synthetic(cfg: Config) -> SequenceData:
-    sequences, item_groups = generate(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_groups,
+    generated, item_groups = generate(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_groups,
                                       cfg.synthetic_min_len, cfg.synthetic_max_len, cfg.seed)
-    interactions = sum(len(s) for s in sequences)
+    sequences = Sequences.of(generated)
+    interactions = len(sequences.items)
     report = {"source": f"synthetic: {cfg.synthetic_users} users, {cfg.synthetic_items} items, "
                         f"{cfg.synthetic_groups} groups, seed {cfg.seed}",
               "rows_read": interactions, "removed": {}, "malformed_lines": [], "kept": interactions}
@@ -198,12 +252,10 @@ def clean(loaded: Loaded, *, min_rating: float, kcore: int) -> SequenceData:
     item_rank, item_ids = _ranks(items[keep], np.asarray(item_raw, dtype=str))
     user = user_rank[users[keep]]
     order = np.lexsort((np.arange(len(user)), df["timestamp"].to_numpy()[keep], user))
-    flat = item_rank[items[keep]][order] + 1
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=len(user_ids)))])
+    sequences = Sequences.from_lengths(item_rank[items[keep]][order] + 1, np.bincount(user, minlength=len(user_ids)))
     report = {"source": loaded.source, "rows_read": rows_read, "removed": removed,
-              "malformed_lines": list(loaded.malformed_lines), "kept": len(flat)}
-    return SequenceData(_split_flat(flat.astype(np.int64), offsets), len(item_ids), user_ids, item_ids,
-                        None, report)
+              "malformed_lines": list(loaded.malformed_lines), "kept": len(sequences.items)}
+    return SequenceData(sequences, len(item_ids), user_ids, item_ids, None, report)
 
 
 def _rare(codes: np.ndarray, keep: np.ndarray, minimum: int) -> np.ndarray:
@@ -225,10 +277,6 @@ def _ranks(codes: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rank = np.full(len(raw), -1, dtype=np.int64)
     rank[used[order]] = np.arange(len(used))
     return rank, ids[order]
-
-
-def _split_flat(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
-    return np.split(flat, offsets[1:-1])
 
 
 # --------------------------------------------------------------------------- cache
@@ -259,11 +307,10 @@ def _file_digest(path: Path) -> str:
 
 
 def _write_cache(entry: Path, data: SequenceData) -> None:
-    """Save as npz (flat items + offsets + ids + titles, report as JSON) via a temp file and an
-    atomic rename, so a crash never leaves a half-written entry under the final name."""
+    """Save as npz (the sequences' items and offsets as stored, ids, titles, report as JSON) via a
+    temp file and an atomic rename, so a crash never leaves a half-written entry under the final name."""
     arrays = {
-        "items": np.concatenate(data.sequences) if data.sequences else np.zeros(0, np.int64),
-        "offsets": np.concatenate([[0], np.cumsum([len(s) for s in data.sequences])]).astype(np.int64),
+        "items": data.sequences.items, "offsets": data.sequences.offsets,
         "num_items": np.array(data.num_items),
         "user_ids": data.user_ids, "item_ids": data.item_ids,
         "report": np.array(json.dumps(data.report)),
@@ -289,10 +336,11 @@ def _read_cache(entry: Path) -> SequenceData | None:
     """The cached dataset, or None when absent or unreadable (a corrupt entry is just rebuilt)."""
     try:
         with np.load(entry, allow_pickle=False) as z:
-            items, offsets = z["items"], z["offsets"]
-            if offsets[-1] != len(items) or len(offsets) != len(z["user_ids"]) + 1:
+            sequences = Sequences(z["items"].astype(np.int64, copy=False), z["offsets"].astype(np.int64, copy=False))
+            if (len(sequences) != len(z["user_ids"]) or sequences.offsets[0] != 0
+                    or sequences.offsets[-1] != len(sequences.items) or (sequences.lengths < 0).any()):
                 return None
-            return SequenceData(_split_flat(items, offsets), int(z["num_items"]), z["user_ids"],
+            return SequenceData(sequences, int(z["num_items"]), z["user_ids"],
                                 z["item_ids"], z["titles"] if "titles" in z else None,
                                 json.loads(str(z["report"])), z["item_groups"] if "item_groups" in z else None)
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile):
@@ -307,7 +355,7 @@ def train_part(seq: np.ndarray) -> np.ndarray:
     return seq[:-2]
 
 
-def eval_examples(sequences: list[np.ndarray], split: Literal["valid", "test"],
+def eval_examples(sequences: Sequences, split: Literal["valid", "test"],
                   max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One example per user: (inputs, lengths, targets).
 
@@ -317,16 +365,16 @@ def eval_examples(sequences: list[np.ndarray], split: Literal["valid", "test"],
     """
     if split not in ("valid", "test"):
         raise DataError(f"split must be 'valid' or 'test', got {split!r}")
-    flat, offsets = _flatten(sequences)
-    sizes = np.diff(offsets) - (2 if split == "valid" else 1)  # input length per user
+    sizes = sequences.lengths - (2 if split == "valid" else 1)  # input length per user
     if len(sizes) and sizes.min() < 1:
         raise DataError(f"every sequence needs at least {MIN_SEQUENCE} items for leave-one-out")
     lengths = np.minimum(sizes, max_len)
-    starts = offsets[:-1] + sizes - lengths
-    return _gather(flat, starts, lengths, max_len), lengths, flat[offsets[:-1] + sizes]
+    starts = sequences.offsets[:-1] + sizes - lengths
+    return (_gather(sequences.items, starts, lengths, max_len), lengths,
+            sequences.items[sequences.offsets[:-1] + sizes])
 
 
-def training_windows(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
+def training_windows(sequences: Sequences, max_len: int) -> np.ndarray:
     """Training examples: int64 (W, max_len + 1), right-padded with 0.
 
     One example (the unit differential privacy protects) is one window: up to max_len + 1
@@ -337,14 +385,13 @@ def training_windows(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
     target exactly once. Windows with fewer than 2 items are dropped. Rows are ordered by user,
     then oldest window first. E.g. training part 1..7 with max_len 3 gives [1,2,3,4], [4,5,6,7].
     """
-    flat, offsets = _flatten([train_part(s) for s in sequences])
-    sizes = np.diff(offsets)
+    sizes = _train_sizes(sequences)
     counts = _window_counts(sizes, max_len)
     user = np.repeat(np.arange(len(sizes)), counts)
     oldest_first = np.arange(len(user)) - np.repeat(np.cumsum(counts) - counts, counts)
     ends = sizes[user] - (counts[user] - 1 - oldest_first) * max_len
     starts = np.maximum(ends - (max_len + 1), 0)
-    return _gather(flat, offsets[user] + starts, ends - starts, max_len + 1)
+    return _gather(sequences.items, sequences.offsets[user] + starts, ends - starts, max_len + 1)
 
 
 def item_index(data: SequenceData, raw_id: str) -> int:
@@ -355,25 +402,25 @@ def item_index(data: SequenceData, raw_id: str) -> int:
     return int(matches[0]) + 1
 
 
-def window_counts(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
+def window_counts(sequences: Sequences, max_len: int) -> np.ndarray:
     """How many windows `training_windows` cuts from each user, without cutting them."""
-    return _window_counts(np.array([len(train_part(s)) for s in sequences], dtype=np.int64), max_len)
+    return _window_counts(_train_sizes(sequences), max_len)
 
 
 def _window_counts(sizes: np.ndarray, max_len: int) -> np.ndarray:
     return np.where(sizes >= 2, (sizes - 2) // max_len + 1, 0)  # windows end at n, n - max_len, ... >= 2
 
 
-def popularity(sequences: list[np.ndarray], num_items: int) -> np.ndarray:
+def popularity(sequences: Sequences, num_items: int) -> np.ndarray:
     """Interaction count of every item over the training parts only (index 0 = padding = 0)."""
-    flat, _ = _flatten([train_part(s) for s in sequences])
-    return np.bincount(flat, minlength=num_items + 1)
+    position = np.arange(len(sequences.items)) - np.repeat(sequences.offsets[:-1], sequences.lengths)
+    in_train_part = position < np.repeat(_train_sizes(sequences), sequences.lengths)
+    return np.bincount(sequences.items[in_train_part], minlength=num_items + 1)
 
 
-def _flatten(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences], dtype=np.int64)]).astype(np.int64)
-    flat = np.concatenate(sequences).astype(np.int64) if sequences else np.zeros(0, np.int64)
-    return flat, offsets
+def _train_sizes(sequences: Sequences) -> np.ndarray:
+    """len(train_part(s)) of every user's s: each training part starts where its sequence does."""
+    return np.maximum(sequences.lengths - 2, 0)
 
 
 def _gather(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
@@ -389,7 +436,7 @@ def _gather(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: in
 
 def stats(data: SequenceData) -> dict:
     """Size, density and sequence-length distribution, with the cleaning report (`fedrec data stats`)."""
-    lengths = np.array([len(s) for s in data.sequences])
+    lengths = data.sequences.lengths
     users, interactions = len(lengths), int(lengths.sum())
     quantiles = {f"{int(q * 100)}%": float(np.percentile(lengths, q * 100)) for q in (0.25, 0.5, 0.75, 0.9)}
     return {

@@ -13,7 +13,7 @@ import numpy as np
 
 from common.artifacts import staged_output
 from common.config import Config
-from common.dataset import SequenceData, eval_examples, load_dataset, training_windows
+from common.dataset import MIN_SEQUENCE, SequenceData, Sequences, eval_examples, load_dataset, training_windows
 from common.errors import DataError
 from common.memo import cached
 from common.partition import partition_users, popularity_groups, user_labels
@@ -47,7 +47,7 @@ def federation(cfg: Config) -> Federation:
     labels = None
     if cfg.partition == "skew":
         groups = data.item_groups if data.item_groups is not None else popularity_groups(data.sequences, data.num_items)
-        labels = user_labels([data.sequences[u] for u in training], groups)
+        labels = user_labels(data.sequences.subset(training), groups)
     parts = partition_users(len(training), cfg.partition, cfg.num_clients, cfg.seed, labels, cfg.skew_alpha)
     return Federation(data, holdout, [training[p] for p in parts])
 
@@ -66,12 +66,12 @@ def local_client_data(cfg: Config, path: str, fmt: str, items: list[str]) -> Cli
     local = load_dataset(dataclasses.replace(cfg, dataset=fmt, data_dir=path, kcore=0))
     index = {raw: i + 1 for i, raw in enumerate(items)}
     to_global = np.array([0] + [index.get(str(raw), 0) for raw in local.item_ids.tolist()], dtype=np.int64)
-    sequences = [s[s > 0] for s in (to_global[seq] for seq in local.sequences)]
-    sequences = [s for s in sequences if len(s) >= 3]
+    mapped = Sequences(to_global[local.sequences.items], local.sequences.offsets)
+    known = mapped.select(mapped.items > 0)
+    sequences = known.subset(np.flatnonzero(known.lengths >= MIN_SEQUENCE))
     if not sequences:
         raise DataError(f"{path}: no user has 3 or more interactions with items the server knows")
-    return ClientData(training_windows(sequences, cfg.max_len), eval_examples(sequences, "valid", cfg.max_len),
-                      len(items))
+    return _derived(sequences, cfg.max_len, len(items))
 
 
 def write_device_files(cfg: Config, out: Path, clients: int) -> list[Path]:
@@ -94,13 +94,18 @@ def write_device_files(cfg: Config, out: Path, clients: int) -> list[Path]:
     return [out / name for name in names]
 
 
+@cached(2**16)
 def client_data(cfg: Config, partition_id: int) -> ClientData:
+    """A simulated client's data, derived once per process: its train and evaluate messages, in
+    every round, reuse it. Bounded, so that a process running many configurations stays small."""
     fed = federation(cfg)
     if not 0 <= partition_id < len(fed.clients):
         raise ValueError(f"partition-id {partition_id} out of range: the run has {len(fed.clients)} clients")
-    sequences = [fed.data.sequences[u] for u in fed.clients[partition_id]]
-    return ClientData(training_windows(sequences, cfg.max_len), eval_examples(sequences, "valid", cfg.max_len),
-                      fed.data.num_items)
+    return _derived(fed.data.sequences.subset(fed.clients[partition_id]), cfg.max_len, fed.data.num_items)
+
+
+def _derived(sequences: Sequences, max_len: int, num_items: int) -> ClientData:
+    return ClientData(training_windows(sequences, max_len), eval_examples(sequences, "valid", max_len), num_items)
 
 
 def evaluation_users(cfg: Config) -> np.ndarray:

@@ -20,17 +20,20 @@ Conventions the rest of fedrec relies on:
 - Metrics are means over users. With one target per user, recall@K equals HR@K, precision@K is
   HR@K / K and F1@K (2PR / (P + R) on a hit, 0 on a miss) is HR@K * 2 / (K + 1).
 - Bias and exposure are read off the top-K lists of all users together, so they are not means over
-  users and cannot be averaged across clients (`USER_MEANS_ONLY`): coverage@K (share of items in
+  users and cannot be averaged across clients (`LIST_METRICS`): coverage@K (share of items in
   anyone's list), gini@K (Gini index of how often each item is listed: 0 = every item equally,
   towards 1 = a few items take every slot), head-share@K (share of all listed slots that go to the
   20% most popular items, given their ids) and target-exposure@K (share of users with one watched
-  item, e.g. an attacker's target, in their list).
+  item, e.g. an attacker's target, in their list). A mean of per-client coverages would understate
+  the union under the same name, and the exact figure would need clients to send the items they
+  recommend, which leaks their users' tastes: clients leave these out of their evaluation replies,
+  and the user-weighted mean of the rest equals the metric over all their users.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -223,19 +226,6 @@ def _top_k_tied(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ids.gather(1, order)
 
 
-def evaluate_scores(
-    score_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-    num_items: int,
-    ks: Sequence[int] = DEFAULT_KS,
-    mask_history: bool = False,
-) -> dict[str, float]:
-    """Metrics over batches of (scores (B, N+1), targets (B,), history (B, L) or None)."""
-    accumulator = RankingAccumulator(num_items, ks, mask_history)
-    for scores, targets, history in score_batches:
-        accumulator.add(scores, targets, history)
-    return accumulator.result()
-
-
 def popularity_scores(counts: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
     """The most-popular baseline's scores: the count row (N+1,) as a (batch_size, N+1) view.
 
@@ -346,33 +336,3 @@ def evaluate_model(
     finally:
         model.train(was_training)
     return accumulator.result()
-
-
-def mean_metrics(results: list[tuple[dict[str, float], float]]) -> dict[str, float]:
-    """Weighted mean of metric dicts, weights being user counts; "users" becomes their total.
-
-    Used to aggregate per-client evaluations. Every metric here except the list metrics
-    (`LIST_METRICS`) is a mean over users, so the user-weighted mean of client results equals the
-    metric over all their users. The list metrics are left out: e.g. coverage, the share of items
-    recommended to anyone, is a union over clients,
-    and a mean of per-client coverages is at most the largest client's coverage, so it would
-    understate the real figure under the same name and not be comparable with a centralised
-    coverage. Computing it exactly would need clients to send the items they recommend, which
-    leaks their users' tastes; exact coverage comes from a centralised evaluation instead.
-    All dicts must have the same keys.
-    """
-    total = sum(weight for _, weight in results)
-    if not results or total <= 0:
-        raise ValueError("mean_metrics needs at least one result with a positive weight")
-    if any(weight < 0 for _, weight in results):
-        raise ValueError("weights (user counts) cannot be negative")
-    keys = list(results[0][0])
-    if any(set(metrics) != set(keys) for metrics, _ in results):
-        raise ValueError("all metric dicts must have the same keys")
-    averaged = {
-        key: sum(metrics[key] * weight for metrics, weight in results) / total
-        for key in keys
-        if key != "users" and not key.startswith(LIST_METRICS)
-    }
-    averaged["users"] = float(total)
-    return averaged

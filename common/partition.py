@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.dataset import Sequences
 from common.errors import DataError
 
 SCHEMES = ("user", "iid", "skew")
@@ -47,16 +48,16 @@ def partition_users(num_users: int, scheme: str, num_clients: int, seed: int,
     return [np.sort(np.array(c, dtype=np.int64)) for c in clients]
 
 
-def user_labels(sequences: list[np.ndarray], item_groups: np.ndarray) -> np.ndarray:
+def user_labels(sequences: Sequences, item_groups: np.ndarray) -> np.ndarray:
     """Each user's label: the most frequent group among their items (ties to the smaller group)."""
-    groups = item_groups[np.concatenate(sequences)]
-    users = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
+    groups = item_groups[sequences.items]
+    users = np.repeat(np.arange(len(sequences)), sequences.lengths)
     num_groups = int(item_groups.max()) + 1
     counts = np.bincount(users * num_groups + groups, minlength=len(sequences) * num_groups)
     return counts.reshape(len(sequences), num_groups).argmax(axis=1)
 
 
-def popularity_groups(sequences: list[np.ndarray], num_items: int, num_groups: int = 10) -> np.ndarray:
+def popularity_groups(sequences: Sequences, num_items: int, num_groups: int = 10) -> np.ndarray:
     """Item groups for real data, which has no latent groups: popularity bands.
 
     Items are ranked by count (ties by id) and cut into `num_groups` bands holding equal shares
@@ -64,7 +65,7 @@ def popularity_groups(sequences: list[np.ndarray], num_items: int, num_groups: i
     because with equal item counts nearly every user's most frequent band would be the head band
     and label skew would have a single label. Index 0 (padding) holds -1; unseen items go last.
     """
-    counts = np.bincount(np.concatenate(sequences), minlength=num_items + 1)[1:].astype(float)
+    counts = np.bincount(sequences.items, minlength=num_items + 1)[1:].astype(float)
     order = np.argsort(-counts, kind="stable")
     mass_before = np.cumsum(counts[order]) - counts[order]
     bands = np.minimum((mass_before / max(counts.sum(), 1) * num_groups).astype(np.int64), num_groups - 1)

@@ -117,30 +117,36 @@ def _digest(body: list) -> str:
 
 
 def batches_per_epoch(num_windows: int, batch_size: int) -> int:
-    """Steps in one epoch; under Poisson sampling each window is drawn with rate 1 / this."""
+    """Steps in one epoch, as many as a plain loader's batches."""
     return math.ceil(num_windows / batch_size)
 
 
-def noise_multiplier_for(cfg: Config, num_windows: int, epochs: int) -> float:
-    """σ from the config: given outright, or the smallest that keeps `epochs` under target ε.
+def sample_rate(num_windows: int, batch_size: int) -> float:
+    """The probability that a DP step samples a given window, the q of the ledger: 1 / batches per
+    epoch, as Opacus's `DPDataLoader` sets it. The one definition that sampling, the accountant,
+    the budget check, the σ search and the server's participation record all use, so that ε is
+    computed for the steps that ran."""
+    return 1 / batches_per_epoch(num_windows, batch_size)
 
-    The sample rate is the one Opacus's Poisson loader uses (1 / batches per epoch), so σ
-    depends on the window count only through the batches per epoch.
-    """
+
+def noise_multiplier_for(cfg: Config, num_windows: int, epochs: int) -> float:
+    """σ from the config: given outright, or the smallest that keeps `epochs` under target ε
+    at the rate and steps training will run (`sample_rate`, `batches_per_epoch`)."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    return _searched_noise_multiplier(cfg.target_epsilon, cfg.delta, batches_per_epoch(num_windows, cfg.batch_size), epochs)
+    return _searched_noise_multiplier(cfg.target_epsilon, cfg.delta, sample_rate(num_windows, cfg.batch_size),
+                                      epochs * batches_per_epoch(num_windows, cfg.batch_size))
 
 
 @cached(1024)
-def _searched_noise_multiplier(target_epsilon: float, delta: float, batches: int, epochs: int) -> float:
+def _searched_noise_multiplier(target_epsilon: float, delta: float, rate: float, steps: int) -> float:
     """Cached: a search takes 0.1 s or more, and a round's clients share a handful of plans."""
     with quiet_opacus():
         return get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
-            sample_rate=1 / batches,
-            steps=epochs * batches,
+            sample_rate=rate,
+            steps=steps,
             accountant="prv",
             epsilon_tolerance=0.05,  # each PRV evaluation is slow; ε ends within 0.05 below target
         )
@@ -151,10 +157,10 @@ def round_mechanism(cfg: Config, num_windows: int, sigma: float | None = None) -
     its whole plan (every round, `local-epochs` each; `sigma` when the caller already knows it), at
     its sample rate, for the round's steps. The client trains with it; the server recomputes it
     from the windows the client reports, for its own participation record."""
-    batches = batches_per_epoch(num_windows, cfg.batch_size)
     if sigma is None:
         sigma = noise_multiplier_for(cfg, num_windows, cfg.num_server_rounds * cfg.local_epochs)
-    return (float(sigma), 1 / batches, cfg.local_epochs * batches)
+    return (float(sigma), sample_rate(num_windows, cfg.batch_size),
+            cfg.local_epochs * batches_per_epoch(num_windows, cfg.batch_size))
 
 
 def compressed(history: Iterable[Mechanism]) -> tuple[Mechanism, ...]:
@@ -174,8 +180,8 @@ def check_fixed_noise(cfg: Config, plans: Iterable[tuple[int, int]]) -> None:
     spend more than it promised (centralized) or decline every round (federated)."""
     if not cfg.dp or cfg.noise_multiplier <= 0:
         return
-    distinct = {(batches_per_epoch(w, cfg.batch_size), e) for w, e in plans}
-    spent = max((Ledger(((cfg.noise_multiplier, 1 / b, e * b),)).epsilon(cfg.delta) for b, e in distinct), default=0.0)
+    distinct = {(sample_rate(w, cfg.batch_size), e * batches_per_epoch(w, cfg.batch_size)) for w, e in plans}
+    spent = max((Ledger(((cfg.noise_multiplier, q, steps),)).epsilon(cfg.delta) for q, steps in distinct), default=0.0)
     if spent > cfg.target_epsilon * (1 + 1e-9):
         raise ConfigError(f"noise-multiplier {cfg.noise_multiplier:g} spends ε = {spent:.3g} over the planned training, "
                           f"more than target-epsilon {cfg.target_epsilon:g}: raise --noise-multiplier, or set it to 0 "

@@ -49,9 +49,7 @@ def save(out: Path, done: int, arrays: ArrayRecord, strategy: GuardedStrategy, g
 def fingerprint(data: SequenceData) -> str:
     """What the run's input was, in a line: its size and a digest of every user's sequence and
     the catalogue. A resumed run must train on the data it started with."""
-    digest = hashlib.sha256()
-    for sequence in data.sequences:
-        digest.update(np.asarray(sequence, dtype=np.int64).tobytes() + b"|")
+    digest = hashlib.sha256(data.sequences.items.tobytes() + data.sequences.offsets.tobytes())
     digest.update("\n".join(str(i) for i in data.item_ids.tolist()).encode())
     return f"{len(data.sequences)} users, {data.num_items} items, sha256 {digest.hexdigest()[:16]}"
 

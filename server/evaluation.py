@@ -23,7 +23,7 @@ class HeldOut:
     """The held-out users' validation and test examples, and their items' popularity."""
 
     def __init__(self, cfg: Config, fed: Federation) -> None:
-        sequences = [fed.data.sequences[u] for u in evaluation_users(cfg)]
+        sequences = fed.data.sequences.subset(evaluation_users(cfg))
         self.num_users = len(sequences)
         self.num_items = fed.data.num_items
         self.mask_history = cfg.mask_history

@@ -82,7 +82,7 @@ def train_centralized(
 
 def _sizes(data: SequenceData, windows: int) -> dict[str, int]:
     return {"users": len(data.sequences), "items": data.num_items,
-            "interactions": int(sum(len(s) for s in data.sequences)), "training_windows": windows}
+            "interactions": len(data.sequences.items), "training_windows": windows}
 
 
 def _privacy(cfg: Config, sigma: float | None, epsilon: float | None) -> dict[str, Any]:

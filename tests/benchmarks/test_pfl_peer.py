@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import pfl_peer
-from common.dataset import training_windows, window_counts
+from common.dataset import Sequences, training_windows, window_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,9 +32,9 @@ def test_client_windows_equal_fedrecs_training_windows(max_len):
     rng = np.random.default_rng(max_len)
     sequences = [rng.integers(1, 40, size=int(rng.integers(3, 130))) for _ in range(60)]
     ours = pfl_peer.client_windows(sequences, max_len)
-    theirs = training_windows(sequences, max_len)
+    theirs = training_windows(Sequences.of(sequences), max_len)
     assert np.array_equal(np.concatenate(ours), theirs)
-    assert [len(w) for w in ours] == [c for c in window_counts(sequences, max_len) if c]
+    assert [len(w) for w in ours] == [c for c in window_counts(Sequences.of(sequences), max_len) if c]
 
 
 def test_beauty_windows_match_fedrecs_up_to_item_relabelling(shared_data):

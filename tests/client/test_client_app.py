@@ -22,12 +22,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.constant import ErrorCode
 
 from client.client_app import LEDGER, app
+from common.config import Config, ConfigError
+from common.dataset import eval_examples
 from common.privacy import batches_per_epoch
-from common.config import Config
 from common.federation import client_data, federation
 from common.flower_compat import server_task_identity, set_message_id
+from common.metrics import LIST_METRICS, evaluate_model
 from common.model import build_model
-from common.privacy import Ledger
+from common.privacy import Ledger, Mechanism
+from server.strategy import make_strategy
 from simulation.grid import InProcessGrid, default_node_config
 
 TINY: dict[str, Any] = {
@@ -72,7 +75,7 @@ def ledger_of(state: RecordDict) -> Ledger:
     return Ledger.from_json(str(state.config_records[LEDGER]["ledger"]))
 
 
-def pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+def pld_epsilon(history: tuple[Mechanism, ...], delta: float) -> float:
     accountant = PLDAccountant(value_discretization_interval=1e-3)
     for sigma, q, steps in history:
         accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
@@ -244,6 +247,27 @@ def test_evaluate_reports_ranking_metrics_over_the_clients_users():
         assert LEDGER not in grid.node_states[grid.node_id_of(partition)].config_records
 
 
+def test_clients_evaluations_averaged_by_the_strategy_equal_one_evaluation_of_all_their_users():
+    """What the server reports as federated metrics (Flower's user-weighted mean of the clients'
+    replies) is the evaluation of every client's users at once; the list metrics, which a mean
+    would understate, are left out."""
+    run_config = {**DP, "num-clients": 3}  # 14, 13 and 13 users: the weights matter
+    cfg = Config.from_run_config(run_config)
+    grid = InProcessGrid(app, 3, run_config)
+    arrays = initial_arrays(run_config)
+    replies = [send(grid, partition, MessageType.EVALUATE, arrays) for partition in range(3)]
+    federated = make_strategy(cfg, 3).aggregate_evaluate(1, replies)
+    fed = federation(cfg)
+    model = build_model(cfg, fed.data.num_items)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    users = fed.data.sequences.subset(np.concatenate(fed.clients))
+    pooled = evaluate_model(model, *eval_examples(users, "valid", cfg.max_len), fed.data.num_items, ks=(10,))
+    expected = {k: v for k, v in pooled.items() if k != "users" and not k.startswith(LIST_METRICS)}
+    assert {k: federated[k] for k in expected} == pytest.approx(expected, rel=1e-9)
+    unweighted = np.mean([r.content["metrics"]["hr@10"] for r in replies])
+    assert unweighted != pytest.approx(expected["hr@10"], rel=1e-9)  # so the test sees the weighting
+    assert not any(k.startswith(LIST_METRICS) for k in federated)
+
 
 def test_derived_noise_is_sized_for_all_planned_rounds(monkeypatch: pytest.MonkeyPatch):
     """With noise-multiplier 0 the client asks for the σ of num-server-rounds x local-epochs
@@ -272,15 +296,15 @@ def test_derived_noise_is_sized_for_all_planned_rounds(monkeypatch: pytest.Monke
     assert reply.content["metrics"]["epsilon"] == pytest.approx(ledger.epsilon(cfg.delta), rel=1e-9)
 
 
-def test_fixed_noise_without_a_budget_is_refused_or_trains():
-    from common.config import ConfigError
-
+def test_fixed_noise_without_a_budget_is_refused():
+    """With DP on, a fixed σ still needs a budget to keep to: the config is refused up front, and a
+    ClientApp handed it anyway (a node given a bad run config) fails the round and spends nothing."""
     run_config = {**TINY, "noise-multiplier": 1.0, "target-epsilon": 0.0}
-    try:
+    with pytest.raises(ConfigError, match="target-epsilon must be > 0"):
         Config.from_run_config(run_config)
-    except ConfigError:
-        return  # refusing the combination up front is a fine fix too
-    reply = send(InProcessGrid(app, 4, run_config), 0, MessageType.TRAIN, initial_arrays(run_config))
-    assert not reply.has_error(), reply.error
-    assert reply.content["metrics"]["declined"] == 0
-    assert reply.content["metrics"]["epsilon"] > 0
+    grid = InProcessGrid(app, 4, run_config)
+    reply = send(grid, 0, MessageType.TRAIN, initial_arrays(TINY))
+    assert reply.has_error()
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "target-epsilon must be > 0" in (reply.error.reason or "")
+    assert LEDGER not in grid.node_states[grid.node_id_of(0)].config_records

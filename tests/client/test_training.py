@@ -3,11 +3,14 @@ import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant
+from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
+from torch.utils.data import DataLoader, TensorDataset
 
 import client.training
+import common.privacy
 from client.training import ClientJob, _Cohort, train
-from common.privacy import batches_per_epoch, noise_multiplier_for
+from common.privacy import batches_per_epoch, noise_multiplier_for, sample_rate
 from common.config import Config
 from common.model import AttentionLSTM, window_loss, window_losses
 
@@ -54,6 +57,22 @@ def test_dp_training_spends_what_the_target_allows(cfg):
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
     assert list(model.state_dict()) == list(_model().state_dict())
     assert train(model, windows, cfg, epochs=1, noise_multiplier=sigma).steps == 10
+
+
+@pytest.mark.parametrize("num_windows,batch_size", [(200, 20), (57, 20), (7, 3), (49, 1), (5, 256)])
+def test_one_sample_rate_for_sampling_accounting_and_the_noise_search(monkeypatch, cfg, num_windows, batch_size):
+    """Opacus's loader's rate is the one training samples at, the ledger records and σ is searched for."""
+    loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(num_windows)), batch_size=batch_size))
+    rate = sample_rate(num_windows, batch_size)
+    assert rate == loader.sample_rate
+    cfg = Config.from_run_config({**cfg.to_run_config(), "batch-size": batch_size,
+                                  "target-epsilon": 1000 + num_windows})  # a σ search of its own
+    result = train(_model(), _windows()[:num_windows], cfg, epochs=2, noise_multiplier=1.0)
+    assert result.history == [(1.0, rate, 2 * len(loader))]
+    searched = {}
+    monkeypatch.setattr(common.privacy, "get_noise_multiplier", lambda **kwargs: searched.update(kwargs) or 1.5)
+    assert noise_multiplier_for(cfg, num_windows, epochs=3) == 1.5
+    assert (searched["sample_rate"], searched["steps"]) == (rate, 3 * len(loader))
 
 
 def test_history_carries_over_calls(cfg):

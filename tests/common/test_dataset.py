@@ -10,8 +10,8 @@ import pytest
 
 import common.dataset as dataset
 from common.config import Config
-from common.dataset import (DataError, SequenceData, eval_examples, load_dataset, popularity, stats,
-                            train_part, training_windows)
+from common.dataset import (DataError, SequenceData, Sequences, eval_examples, load_dataset, popularity, stats,
+                            train_part, training_windows, window_counts)
 
 
 U_DATA = "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in [
@@ -162,24 +162,24 @@ def test_corrupt_cache_entry_is_rebuilt(write, isolated_cache):
 def test_leave_one_out_split():
     seqs = [np.array([1, 2, 3, 4, 5]), np.array([7, 8, 9])]
     assert train_part(seqs[0]).tolist() == [1, 2, 3]
-    inputs, lengths, targets = eval_examples(seqs, "valid", 2)
+    inputs, lengths, targets = eval_examples(Sequences.of(seqs), "valid", 2)
     assert inputs.tolist() == [[2, 3], [7, 0]] and lengths.tolist() == [2, 1] and targets.tolist() == [4, 8]
-    inputs, lengths, targets = eval_examples(seqs, "test", 3)
+    inputs, lengths, targets = eval_examples(Sequences.of(seqs), "test", 3)
     assert inputs.tolist() == [[2, 3, 4], [7, 8, 0]] and lengths.tolist() == [3, 2] and targets.tolist() == [5, 9]
     assert inputs.dtype == lengths.dtype == targets.dtype == np.int64
 
 
 def test_eval_examples_errors():
     with pytest.raises(DataError, match="split must be"):
-        eval_examples([np.array([1, 2, 3])], "train", 5)
+        eval_examples(Sequences.of([[1, 2, 3]]), "train", 5)
     with pytest.raises(DataError, match="at least 3 items"):
-        eval_examples([np.array([1, 2])], "valid", 5)
+        eval_examples(Sequences.of([[1, 2]]), "valid", 5)
 
 
 def test_training_windows_exact():
     # training parts: [1..7], [1..8], [5, 6], [9]
     seqs = [np.arange(1, 10), np.arange(1, 11), np.array([5, 6, 0, 0]), np.array([9, 1, 2])]
-    windows = training_windows(seqs, 3)
+    windows = training_windows(Sequences.of(seqs), 3)
     assert windows.dtype == np.int64
     assert windows.tolist() == [
         [1, 2, 3, 4], [4, 5, 6, 7],
@@ -192,7 +192,7 @@ def test_training_windows_predict_every_item_but_the_first_once():
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 50, size=n) for n in rng.integers(3, 40, size=30)]
     for max_len in (1, 4, 10, 50):
-        windows = training_windows(seqs, max_len)
+        windows = training_windows(Sequences.of(seqs), max_len)
         assert windows.shape[1] == max_len + 1
         assert ((windows != 0).sum(axis=1) >= 2).all()
         targets = windows[:, 1:][windows[:, 1:] != 0]
@@ -201,12 +201,44 @@ def test_training_windows_predict_every_item_but_the_first_once():
 
 
 def test_popularity_counts_training_parts_only():
-    counts = popularity([np.array([1, 2, 1, 3, 3]), np.array([2, 3, 1])], 4)
+    counts = popularity(Sequences.of([[1, 2, 1, 3, 3], [2, 3, 1]]), 4)
     assert counts.tolist() == [0, 2, 2, 0, 0]
 
 
+def _per_user_windows(seq: np.ndarray, max_len: int) -> list[list[int]]:
+    """The straightforward reading of `training_windows`' docstring, one user at a time."""
+    part, windows = train_part(seq).tolist(), []
+    end = len(part)
+    while end >= 2:
+        windows.insert(0, part[max(end - max_len - 1, 0):end])
+        end -= max_len
+    return [w + [0] * (max_len + 1 - len(w)) for w in windows]
+
+
+@pytest.mark.parametrize("max_len", [1, 2, 5, 50])
+def test_flat_sequences_give_what_the_per_user_computation_gives(max_len):
+    rng = np.random.default_rng(max_len)
+    lists = [rng.integers(1, 30, size=n) for n in rng.integers(3, 25, size=40)]
+    flat = Sequences.of(lists)
+    assert [s.tolist() for s in flat] == [s.tolist() for s in lists] == [flat[u].tolist() for u in range(40)]
+    assert training_windows(flat, max_len).tolist() == [w for s in lists for w in _per_user_windows(s, max_len)]
+    assert window_counts(flat, max_len).tolist() == [len(_per_user_windows(s, max_len)) for s in lists]
+    for split, cut in (("valid", 2), ("test", 1)):
+        inputs, lengths, targets = eval_examples(flat, split, max_len)
+        history = [s[:-cut][-max_len:].tolist() for s in lists]
+        assert inputs.tolist() == [h + [0] * (max_len - len(h)) for h in history]
+        assert lengths.tolist() == [len(h) for h in history]
+        assert targets.tolist() == [s[-cut] for s in lists]
+    expected = np.bincount(np.concatenate([train_part(s) for s in lists]), minlength=31)
+    assert popularity(flat, 30).tolist() == expected.tolist()
+    users = rng.permutation(40)[:15]
+    assert [s.tolist() for s in flat.subset(users)] == [lists[u].tolist() for u in users]
+    assert [s.tolist() for s in flat.select(flat.items % 2 == 0)] == [s[s % 2 == 0].tolist() for s in lists]
+    assert len(flat.subset(np.zeros(0, np.int64))) == 0
+
+
 def test_stats():
-    data = SequenceData([np.arange(1, n + 1) for n in (3, 4, 5, 8)], 10, np.array(list("abcd")),
+    data = SequenceData(Sequences.of([np.arange(1, n + 1) for n in (3, 4, 5, 8)]), 10, np.array(list("abcd")),
                         np.arange(1, 11).astype(str), None, {"source": "x"})
     result = stats(data)
     assert (result["users"], result["items"], result["interactions"]) == (4, 10, 20)

@@ -7,8 +7,8 @@ import pytest
 
 from common.artifacts import OutputExistsError
 from common.config import Config
-from common.dataset import DataError
-from common.federation import catalogue, federation, local_client_data, write_device_files
+from common.dataset import DataError, Sequences, eval_examples, training_windows
+from common.federation import catalogue, client_data, federation, local_client_data, write_device_files
 
 DATA = {"dataset": "synthetic", "synthetic-users": 90, "synthetic-items": 30, "synthetic-groups": 3,
         "synthetic-min-len": 6, "synthetic-max-len": 12, "max-len": 5}
@@ -50,3 +50,17 @@ def test_device_files_need_held_out_users_and_never_overwrite(tmp_path):
     (tmp_path / "b" / "keep.txt").write_text("x")
     with pytest.raises(OutputExistsError):
         write_device_files(Config.from_run_config({**DATA, "holdout-users": 0.2}), tmp_path / "b", clients=2)
+
+
+def test_a_clients_data_is_its_users_windows_derived_once():
+    cfg = Config.from_run_config({**DATA, "partition": "iid", "num-clients": 3})
+    fed = federation(cfg)
+    for partition, users in enumerate(fed.clients):
+        own = Sequences.of([fed.data.sequences[u] for u in users])
+        data = client_data(cfg, partition)
+        assert np.array_equal(data.windows, training_windows(own, cfg.max_len))
+        for got, expected in zip(data.valid, eval_examples(own, "valid", cfg.max_len), strict=True):
+            assert np.array_equal(got, expected)
+        assert client_data(cfg, partition) is data  # a repeated message reuses it
+    with pytest.raises(ValueError, match="out of range"):
+        client_data(cfg, 3)

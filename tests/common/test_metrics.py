@@ -10,14 +10,11 @@ import torch
 from torch import nn
 
 from common.metrics import (
-    LIST_METRICS,
     RankingAccumulator,
     evaluate_model,
     evaluate_popularity,
-    evaluate_scores,
     gini,
     head_items,
-    mean_metrics,
     popularity_scores,
     top_k_items,
 )
@@ -158,12 +155,11 @@ def test_coverage_counts_distinct_recommended_items():
 
 def test_batches_accumulate_to_the_one_shot_result():
     generator = torch.Generator().manual_seed(1)
-    scores = torch.randn(10, 21, generator=generator)
-    targets = torch.randint(1, 21, (10,), generator=generator)
-    history = torch.randint(0, 21, (10, 4), generator=generator)
-    batches = [(scores[i : i + 3], targets[i : i + 3], history[i : i + 3]) for i in range(0, 10, 3)]
-    one_shot = evaluate_scores([(scores, targets, history)], 20, mask_history=True)
-    assert evaluate_scores(batches, 20, mask_history=True) == pytest.approx(one_shot)
+    counts = torch.randint(0, 50, (21,), generator=generator).numpy()
+    targets = torch.randint(1, 21, (10,), generator=generator).numpy()
+    history = torch.randint(0, 21, (10, 4), generator=generator).numpy()
+    one_shot = evaluate_popularity(counts, targets, 20, inputs=history, mask_history=True, batch_size=10)
+    assert evaluate_popularity(counts, targets, 20, inputs=history, mask_history=True, batch_size=3) == one_shot
 
 
 def test_caller_scores_are_not_modified():
@@ -246,32 +242,6 @@ def test_evaluate_model():
 def test_evaluate_model_rejects_empty_histories():
     with pytest.raises(ValueError, match="lengths"):
         evaluate_model(NextIdModel(5), np.array([[0, 0]]), np.array([0]), np.array([1]), 5)
-
-
-def test_mean_metrics_weights_by_users():
-    results = [
-        ({"hr@10": 0.5, "coverage@10": 0.2, "users": 2.0}, 2),
-        ({"hr@10": 1.0, "coverage@10": 0.4, "users": 6.0}, 6),
-    ]
-    assert mean_metrics(results) == {"hr@10": pytest.approx((0.5 * 2 + 1.0 * 6) / 8), "users": 8.0}
-
-
-def test_mean_metrics_equals_pooled_evaluation():
-    generator = torch.Generator().manual_seed(2)
-    scores = torch.randn(9, 11, generator=generator)
-    targets = torch.randint(1, 11, (9,), generator=generator)
-    parts = [(scores[:2], targets[:2]), (scores[2:], targets[2:])]
-    per_client = [(evaluate_scores([(s, t, None)], 10), len(t)) for s, t in parts]
-    pooled = evaluate_scores([(scores, targets, None)], 10)
-    expected = {key: value for key, value in pooled.items() if not key.startswith(LIST_METRICS)}
-    assert mean_metrics(per_client) == pytest.approx(expected)
-
-
-def test_mean_metrics_rejects_bad_input():
-    with pytest.raises(ValueError):
-        mean_metrics([])
-    with pytest.raises(ValueError, match="same keys"):
-        mean_metrics([({"hr@10": 0.5}, 1), ({"ndcg@10": 0.5}, 1)])
 
 
 def test_list_metrics_read_the_top_k_lists_of_all_users():

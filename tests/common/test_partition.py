@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.dataset import DataError
+from common.dataset import DataError, Sequences
 from common.partition import partition_users, popularity_groups, user_labels
 
 
@@ -60,13 +60,13 @@ def test_errors(kwargs, message):
 
 def test_user_labels_most_frequent_group_ties_to_smaller():
     groups = np.array([-1, 0, 0, 1, 2])
-    labels = user_labels([np.array([1, 3, 3]), np.array([4, 2, 3, 4]), np.array([3, 1])], groups)
+    labels = user_labels(Sequences.of([[1, 3, 3], [4, 2, 3, 4], [3, 1]]), groups)
     assert labels.tolist() == [1, 2, 0]
 
 
 def test_popularity_groups_split_interaction_mass():
     # counts: item 1: 6, item 2: 2, item 3: 1, item 4: 1, item 5: 0 (total 10)
-    sequences = [np.array([1, 1, 1, 2, 3]), np.array([1, 1, 1, 2, 4])]
+    sequences = Sequences.of([[1, 1, 1, 2, 3], [1, 1, 1, 2, 4]])
     groups = popularity_groups(sequences, 5, num_groups=2)
     assert groups.tolist() == [-1, 0, 1, 1, 1, 1]
     groups = popularity_groups(sequences, 5, num_groups=5)

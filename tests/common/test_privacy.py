@@ -18,12 +18,12 @@ from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
 
 from common.errors import DataError
-from common.privacy import Ledger
+from common.privacy import Ledger, Mechanism
 
 DELTA = 1e-5
 
 
-def pld_epsilon(history: list[tuple[float, float, int]], delta: float = DELTA) -> float:
+def pld_epsilon(history: list[Mechanism], delta: float = DELTA) -> float:
     """ε of composing every (σ, q, steps) entry, by dp_accounting's PLD accountant."""
     accountant = PLDAccountant(value_discretization_interval=1e-3)
     for sigma, q, steps in history:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.dataset import DataError, eval_examples, popularity, train_part
+from common.dataset import DataError, Sequences, eval_examples, popularity, train_part
 from common.synthetic import generate
 
 
@@ -34,7 +34,8 @@ def test_bad_arguments():
 def test_previous_item_beats_popularity():
     """The bigram baseline (most frequent successors of the last input item, from the training
     parts) must clearly beat popularity on the test targets, yet not be perfect."""
-    sequences, _ = generate(600, 400, 20, 20, 60, seed=0)
+    generated, _ = generate(600, 400, 20, 20, 60, seed=0)
+    sequences = Sequences.of(generated)
     counts = popularity(sequences, 400)
     top10 = np.argsort(-counts, kind="stable")[:10]
     inputs, lengths, targets = eval_examples(sequences, "test", 60)
