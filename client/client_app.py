@@ -18,8 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from client.secagg import secure_aggregation_mod
 from client import cohort
+from client.secagg import secure_aggregation_mod
 from client.training import ClientJob
 from common.config import Config
 from common.federation import ClientData, client_data, local_client_data
@@ -120,7 +120,8 @@ def _global_model(arrays: ArrayRecord, cfg: Config, num_items: int) -> torch.nn.
 
 def _arrays(weights: dict[str, torch.Tensor], cfg: Config, num_items: int) -> ArrayRecord:
     """Trained parameters (by parameter name) as the reply's arrays, keyed as the model's state dict."""
-    return ArrayRecord({key: array_of(weights[name].detach().numpy()) for key, name in _state_keys(cfg, num_items).items()})
+    keys = _state_keys(cfg, num_items)
+    return ArrayRecord({key: array_of(weights[name].detach().numpy()) for key, name in keys.items()})
 
 
 @cached(1)

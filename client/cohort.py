@@ -124,7 +124,7 @@ class _Cohort:
             try:
                 results = train_clients(first.model_of(first.start), [r.job for r in requests], first.cfg,
                                         epochs=first.epochs)
-            except Exception as error:  # noqa: BLE001 - each call reports it as its ClientApp error
+            except Exception as error:  # each call reports it as its ClientApp error
                 for request in requests:
                     request.error = error
                 continue

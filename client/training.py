@@ -28,7 +28,6 @@ from opacus.accountants import PRVAccountant
 from torch.func import functional_call, grad, vmap
 
 from common.config import Config
-from common.model import window_losses
 from common.privacy import Ledger, Mechanism, batches_per_epoch, quiet_opacus, sample_rate
 
 # Adam suits long runs (centralized training); plain SGD suits a federated client's few steps
@@ -348,7 +347,8 @@ class _Cohort:
         workers = min(torch.get_num_threads(), len(self.jobs))
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(draw, [range(w, len(self.jobs), workers) for w in range(workers)]))
-        expected = torch.tensor([float(int(len(job.windows) / self.steps)) for job in self.jobs])  # Opacus: len(data) x rate
+        # Opacus: len(data) x rate
+        expected = torch.tensor([float(int(len(job.windows) / self.steps)) for job in self.jobs])
         for name in self.names:
             self.params[name].grad = summed[name].div_(expected.view(-1, *([1] * (summed[name].dim() - 1))))
 

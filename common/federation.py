@@ -81,14 +81,16 @@ def write_device_files(cfg: Config, out: Path, clients: int) -> list[Path]:
     Users are dealt as the run config's `partition` says (`iid` or `skew` over `clients`) after
     `holdout-users` of them are set aside for the server; nothing is written unless all is.
     """
-    cfg = dataclasses.replace(cfg, num_clients=clients, partition=cfg.partition if cfg.partition in ("iid", "skew") else "iid")
+    partition = cfg.partition if cfg.partition in ("iid", "skew") else "iid"
+    cfg = dataclasses.replace(cfg, num_clients=clients, partition=partition)
     if cfg.holdout_users <= 0:
         raise DataError("the server needs held-out users for its evaluation: set holdout-users > 0")
     fed = federation(cfg)
     names = {"server.txt": fed.holdout, **{f"client-{i + 1}.txt": users for i, users in enumerate(fed.clients)}}
     with staged_output(out) as stage:
         for name, users in names.items():
-            lines = (" ".join([str(fed.data.user_ids[u]), *(str(fed.data.item_ids[i - 1]) for i in fed.data.sequences[u])])
+            lines = (" ".join([str(fed.data.user_ids[u]),
+                               *(str(fed.data.item_ids[i - 1]) for i in fed.data.sequences[u])])
                      for u in users)
             (stage / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return [out / name for name in names]

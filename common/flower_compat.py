@@ -18,20 +18,16 @@ from io import BytesIO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, UserConfigValue
-from flwr.serverapp.strategy import Strategy
-
-# Runs, tasks and messages (simulation/grid.py); `Run` is also the type of `Grid.set_run`.
-from flwr.common import constant
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.supercore.run import Run, RunStatus
-from flwr.supercore.task_identity import TaskIdentity
-
-# `--run-config` parsed as `flwr run` parses it (fedrec/deploy.py).
-from flwr.common.config import parse_config_args
 
 # Legacy SecAgg+: server side (server/secagg.py) and client side (client/secagg.py).
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitIns, FitRes, Status, parameters_to_ndarrays
+
+# Runs, tasks and messages (simulation/grid.py); `Run` is also the type of `Grid.set_run`.
+from flwr.common import Code, FitIns, FitRes, Status, constant, parameters_to_ndarrays
+
+# `--run-config` parsed as `flwr run` parses it (fedrec/deploy.py).
+from flwr.common.config import parse_config_args
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Stage
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggPlusKey
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
@@ -41,6 +37,9 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run, RunStatus
+from flwr.supercore.task_identity import TaskIdentity
 
 __all__ = [
     "MAIN_CONFIGS_RECORD",

@@ -152,7 +152,8 @@ class RankingAccumulator:
         hr = {k: sum(at_rank[1 : k + 1]) / users for k in self.ks}
         metrics: dict[str, float] = {}
         metrics.update({f"hr@{k}": hr[k] for k in self.ks})
-        metrics.update({f"ndcg@{k}": sum(at_rank[r] / math.log2(r + 1) for r in range(1, k + 1)) / users for k in self.ks})
+        metrics.update({f"ndcg@{k}": sum(at_rank[r] / math.log2(r + 1) for r in range(1, k + 1)) / users
+                        for k in self.ks})
         metrics.update({f"mrr@{k}": sum(at_rank[r] / r for r in range(1, k + 1)) / users for k in self.ks})
         metrics.update({f"precision@{k}": hr[k] / k for k in self.ks})
         metrics.update({f"recall@{k}": hr[k] for k in self.ks})

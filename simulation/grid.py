@@ -103,7 +103,7 @@ class InProcessGrid(Grid):
     run_id : the run id used in every Context and Message.
     """
 
-    def __init__(  # noqa: PLR0913 - all are plain settings
+    def __init__(  # all are plain settings
         self,
         client_app: ClientApp,
         num_nodes: int,
@@ -179,7 +179,7 @@ class InProcessGrid(Grid):
         assert self._run is not None
         return self._run.run_id
 
-    def create_message(  # noqa: PLR0913 - signature fixed by Grid
+    def create_message(  # signature fixed by Grid
         self,
         content: RecordDict,
         message_type: str,
@@ -292,7 +292,7 @@ class InProcessGrid(Grid):
             if problem:
                 log.error("ClientApp on node %d returned a bad reply: %s", node_id, problem)
                 reply = Message(Error(code=ErrorCode.UNKNOWN, reason=problem), reply_to=message)
-        except Exception as ex:  # noqa: BLE001 - a failing node must not stop the round
+        except Exception as ex:  # a failing node must not stop the round
             log.exception("ClientApp raised an exception on node %d", node_id)
             reason = str(type(ex)) + ":<'" + str(ex) + "'>"  # same format as flwr-clientapp
             reply = Message(
@@ -347,7 +347,7 @@ def run_server_app(server_app: ServerApp, grid: InProcessGrid) -> Context:
     return context
 
 
-def run_in_process(  # noqa: PLR0913 - all are plain settings
+def run_in_process(  # all are plain settings
     server_app: ServerApp,
     client_app: ClientApp,
     *,

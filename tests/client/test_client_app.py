@@ -24,12 +24,11 @@ from flwr.common.constant import ErrorCode
 from client.client_app import LEDGER, app
 from common.config import Config, ConfigError
 from common.dataset import eval_examples
-from common.privacy import batches_per_epoch
 from common.federation import client_data, federation
 from common.flower_compat import server_task_identity, set_message_id
 from common.metrics import LIST_METRICS, evaluate_model
 from common.model import build_model
-from common.privacy import Ledger, Mechanism
+from common.privacy import Ledger, Mechanism, batches_per_epoch
 from server.strategy import make_strategy
 from simulation.grid import InProcessGrid, default_node_config
 
@@ -134,7 +133,7 @@ def test_epsilon_grows_over_rounds_and_matches_the_stored_ledger(dp_run):
     batches = batches_per_epoch(len(client_data(cfg, 0).windows), cfg.batch_size)
     epsilons = [float(r.content["metrics"]["epsilon"]) for r in dp_run["replies"]]
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2] < cfg.target_epsilon
-    for server_round, (eps, ledger) in enumerate(zip(epsilons, dp_run["ledgers"]), start=1):
+    for server_round, (eps, ledger) in enumerate(zip(epsilons, dp_run["ledgers"], strict=True), start=1):
         assert eps == pytest.approx(Ledger(ledger.history).epsilon(cfg.delta), rel=1e-9)
         # the ledger holds what ran: σ as configured, q = 1 / batches, every step of every round
         assert {(s, q) for s, q, _ in ledger.history} == {(cfg.noise_multiplier, 1 / batches)}

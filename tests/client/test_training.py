@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import client.training
 import common.privacy
 from client.training import ClientJob, _Cohort, train
-from common.privacy import batches_per_epoch, noise_multiplier_for, sample_rate
 from common.config import Config
 from common.model import AttentionLSTM, window_loss, window_losses
+from common.privacy import batches_per_epoch, noise_multiplier_for, sample_rate
 
 N = 40
 
@@ -90,7 +90,7 @@ def test_training_is_reproducible(cfg):
     a, b = _model(), _model()
     train(a, _windows(), cfg, epochs=1, noise_multiplier=1.0, seed=3)
     train(b, _windows(), cfg, epochs=1, noise_multiplier=1.0, seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_early_stop_callback(cfg):
@@ -116,7 +116,7 @@ def _opacus_gradients(model, batch, max_grad_norm, noise_multiplier, expected_ba
 
 def _cohort_gradients(model, batches, cfg, noise_multiplier, seeds, shared=True):
     """fedrec's DP step for several clients at once, each client's batch its whole windows."""
-    jobs = [ClientJob(b.numpy(), seed, noise_multiplier) for b, seed in zip(batches, seeds)]
+    jobs = [ClientJob(b.numpy(), seed, noise_multiplier) for b, seed in zip(batches, seeds, strict=True)]
     cohort = _Cohort(model, jobs, cfg)
     cohort._step([torch.arange(len(b)) for b in batches], shared=shared)
     return cohort, [{name: p.grad[c] for name, p in cohort.params.items()} for c in range(len(jobs))]
@@ -157,5 +157,6 @@ def test_private_gradients_of_an_empty_batch_are_noise_only(cfg):
     model = _model()
     cohort = _Cohort(model, [ClientJob(_windows()[:8], seed=1, noise_multiplier=2.0)], cfg)
     cohort._step([torch.arange(0)], shared=True)
-    expected = torch.normal(0.0, 2.0, size=model.item_embedding.weight.shape, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    expected = torch.normal(0.0, 2.0, size=model.item_embedding.weight.shape, generator=generator)
     assert torch.allclose(cohort.params["item_embedding.weight"].grad[0], expected / 8)

@@ -10,9 +10,18 @@ import pytest
 
 import common.dataset as dataset
 from common.config import Config
-from common.dataset import (DataError, SequenceData, Sequences, eval_examples, load_dataset, popularity, stats,
-                            train_part, training_windows, window_counts)
-
+from common.dataset import (
+    DataError,
+    SequenceData,
+    Sequences,
+    eval_examples,
+    load_dataset,
+    popularity,
+    stats,
+    train_part,
+    training_windows,
+    window_counts,
+)
 
 U_DATA = "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in [
     (2, 20, 5, 300), (1, 10, 4, 100), (1, 30, 3, 300), (2, 10, 1, 100), (1, 20, 5, 200), (2, 30, 4, 200),

@@ -309,7 +309,7 @@ def reference_evaluation(model, inputs, lengths, targets, num_items, ks, mask_hi
         expected[f"coverage@{k}"] = sum(c > 0 for c in counts) / num_items
         # Gini as the mean absolute difference over all pairs, over twice the mean.
         expected[f"gini@{k}"] = sum(abs(a - b) for a in counts for b in counts) / (2 * num_items * slots)
-        expected[f"head-share@{k}"] = sum(c for c, h in zip(counts, head[1:].tolist()) if h) / slots
+        expected[f"head-share@{k}"] = sum(c for c, h in zip(counts, head[1:].tolist(), strict=True) if h) / slots
         expected[f"target-exposure@{k}"] = sum(target in listed[:k] for listed in lists) / users
     expected["users"] = float(users)
     return expected

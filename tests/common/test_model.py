@@ -177,4 +177,4 @@ def test_scoring_only_real_targets_gives_the_same_losses(model):
     selected, everywhere = window_losses(model, windows), window_losses(model, windows, select=False)
     assert torch.allclose(selected, old, atol=1e-6) and torch.allclose(everywhere, old, atol=1e-6)
     grads = [torch.autograd.grad(losses.sum(), list(model.parameters())) for losses in (selected, everywhere)]
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))

@@ -23,9 +23,9 @@ def test_iid_sizes_and_determinism():
     assert sorted(len(p) for p in parts) == [4, 4, 5, 5, 5]
     assert covers_every_user_once(parts, 23)
     again = partition_users(23, "iid", 5, seed=3)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
     other = partition_users(23, "iid", 5, seed=4)
-    assert any(not np.array_equal(a, b) for a, b in zip(parts, other))
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
 
 
 def test_skew_concentrates_labels_and_fills_every_client():
@@ -36,7 +36,7 @@ def test_skew_concentrates_labels_and_fills_every_client():
     labels_per_client = [len(np.unique(labels[p])) for p in parts]
     assert np.mean(labels_per_client) < 3  # iid would give nearly all 4 labels to every client
     again = partition_users(200, "skew", 10, seed=0, labels=labels, alpha=0.1)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
 def test_skew_fixes_empty_clients():

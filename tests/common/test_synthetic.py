@@ -21,9 +21,9 @@ def test_shapes_ranges_and_groups():
 
 def test_same_seed_same_output_other_seed_differs():
     first, second, other = (generate(40, 30, 3, 5, 10, seed) for seed in (7, 7, 8))
-    assert all(np.array_equal(a, b) for a, b in zip(first[0], second[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(first[0], second[0], strict=True))
     np.testing.assert_array_equal(first[1], second[1])
-    assert any(len(a) != len(b) or not np.array_equal(a, b) for a, b in zip(first[0], other[0]))
+    assert any(len(a) != len(b) or not np.array_equal(a, b) for a, b in zip(first[0], other[0], strict=True))
 
 
 def test_bad_arguments():
