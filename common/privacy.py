@@ -79,7 +79,8 @@ def quiet_opacus() -> Iterator[None]:
     """Hide Opacus warnings that say nothing to a fedrec user: fedrec seeds its RNG on purpose
     (runs must reproduce), the input ids never need gradients, and RDP's order search is only
     used to bracket the PRV accountant."""
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # PRV: log(0) at q = 1
+    # np.errstate: PRV takes log(0) at q = 1
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the"):
             warnings.filterwarnings("ignore", message=message)
         yield
@@ -183,6 +184,7 @@ def check_fixed_noise(cfg: Config, plans: Iterable[tuple[int, int]]) -> None:
     distinct = {(sample_rate(w, cfg.batch_size), e * batches_per_epoch(w, cfg.batch_size)) for w, e in plans}
     spent = max((Ledger(((cfg.noise_multiplier, q, steps),)).epsilon(cfg.delta) for q, steps in distinct), default=0.0)
     if spent > cfg.target_epsilon * (1 + 1e-9):
-        raise ConfigError(f"noise-multiplier {cfg.noise_multiplier:g} spends ε = {spent:.3g} over the planned training, "
+        raise ConfigError(f"noise-multiplier {cfg.noise_multiplier:g} spends ε = {spent:.3g} over the planned "
+                          "training, "
                           f"more than target-epsilon {cfg.target_epsilon:g}: raise --noise-multiplier, or set it to 0 "
                           "to derive σ from the target")

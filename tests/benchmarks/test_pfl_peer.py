@@ -3,7 +3,6 @@ built) a tiny synthetic run goes end to end. pfl itself is never installed by th
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,7 @@ def test_beauty_windows_match_fedrecs_up_to_item_relabelling(shared_data):
     assert reader == "common.dataset.training_windows"
     assert (len(ours), num_items) == (len(theirs), their_items)
     mine, fedrec = np.concatenate(ours).ravel(), np.concatenate(theirs).ravel()
-    pairs = set(zip(mine.tolist(), fedrec.tolist()))  # one item id on each side for every item
+    pairs = set(zip(mine.tolist(), fedrec.tolist(), strict=True))  # one item id on each side for every item
     assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
 
 
