@@ -9,12 +9,14 @@ the node config a fedrec ClientApp reads, and a `run` whose exit status tells th
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from client.supernode import check_data, supernode_command
@@ -64,6 +66,9 @@ def server_command(
                           "or --insecure for a local trial")
     for path in filter(None, tls):
         _require_file(path)
+    for path, option in ((tls[0], "--certfile"), (tls[2], "--ca-certfile")):
+        if path is not None:
+            certs.check_certificates(path, option)
     command = superlink_command(fc.BIN, host=host, port=port, state_dir=state_dir, certfile=tls[0],
                                 keyfile=tls[1], ca_certfile=tls[2], auth=auth)
     mode = "plain text (trial only)" if insecure else "TLS" + (", registered SuperNodes only" if auth else "")
@@ -119,7 +124,7 @@ def run_command(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish")] = 3600,
 ) -> None:
     """Submit a training run to the server and follow it; exit status 1 unless it completed."""
-    config = parse_config_args([run_config]) if run_config else {}
+    config = _run_config_overrides(run_config) if run_config else {}
     config.setdefault("partition", "devices")
     for key, value in (("out-dir", out), ("data-dir", data_dir), ("dataset", dataset), ("num-server-rounds", rounds)):
         if value is not None:
@@ -135,6 +140,26 @@ def run_command(
         typer.echo(f"error: run {run_id} ended as {status}: {fc.failure_reason(log, details)}", err=True)
         raise typer.Exit(1)
     typer.echo(f"fedrec run: run {run_id} completed")
+
+
+# What Flower's parser reads from `--run-config` (flwr.common.config.parse_config_args): anything
+# else in the text it skips without a word, so a stray `foo` would vanish.
+_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def _run_config_overrides(text: str) -> dict[str, object]:
+    """`key=value ...` (or a .toml file) parsed as Flower will, refusing what Flower would drop."""
+    if text.strip().endswith(".toml"):
+        _require_file(Path(text.strip()).expanduser())
+    else:
+        stray = _PAIR.sub(" ", text).split()
+        if stray:
+            raise ConfigError(f"--run-config: {stray[0]!r} is not key=value: write e.g. 'local-epochs=1 dp=true'")
+    try:
+        return parse_config_args([text])
+    except (click.ClickException, ValueError) as e:
+        message = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        raise ConfigError(f"--run-config: {message}") from None
 
 
 @nodes_app.command("register")
@@ -182,6 +207,7 @@ def _trusted_ca(root_certificates: Path | None, insecure: bool) -> Path | None:
                           "or --insecure for a local trial")
     if root_certificates is not None:
         _require_file(root_certificates)
+        certs.check_certificates(root_certificates, "--root-certificates")
     return None if insecure else root_certificates
 
 
