@@ -250,7 +250,8 @@ def privacy_command(
     console.print(table)
     bad = [c for c in [*clients, *([central] if central else [])] if c.problem]
     if bad:
-        err.print(f"error: {len(bad)} ledger(s) failed: {bad[0].name}: {bad[0].problem}", markup=False, highlight=False)
+        err.print(f"error: {len(bad)} ledger(s) failed: {bad[0].name}: {bad[0].problem}", markup=False, highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"all {len(clients) + (1 if central else 0)} ledgers agree (PRV and PLD within 5%, and with what was reported)")
 
