@@ -6,6 +6,7 @@ an option left out keeps that default, so `fedrec` and `flwr run .` agree.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.artifacts import ITEMS, MODEL, OutputExistsError, read_json
+from common.artifacts import ITEMS, MODEL, OutputError, OutputExistsError, first_sentence, load_tensors, read_json
 from common.config import Config, ConfigError, defaults
 from common.dataset import DataError, load_dataset, stats
 from fedrec import deploy
@@ -24,7 +25,7 @@ data_app = typer.Typer(help="Inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
 err = Console(stderr=True)
-USER_ERRORS = (ConfigError, DataError, OutputExistsError)
+USER_ERRORS = (ConfigError, DataError, OutputError)
 D = defaults()
 
 
@@ -274,10 +275,16 @@ def export_command(
         raise ConfigError(f"--format must be torchscript, got {format!r}")
     if quantize not in export.QUANTIZATIONS:
         raise ConfigError(f"--quantize must be one of {', '.join(export.QUANTIZATIONS)}, got {quantize!r}")
+    if model.is_file():  # an export holds a scripted module, which cannot be scripted again
+        raise DataError(f"--model {model} is a file: give the --out folder of a finished run (exports are final)")
     net, items, max_len = _load_model(model)
     target = out or model / f"model.{quantize}.torchscript.pt"
     if target.exists():
         raise OutputExistsError(f"{target} already exists: choose another --out")
+    if not target.parent.is_dir():
+        raise OutputError(f"--out {target}: folder {target.parent} does not exist: create it, or choose another")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {target}: folder {target.parent} is not writable: choose another")
     export.export(net, target, max_len=max_len, items=items, quantize=quantize)
     module, _ = export.load(target)
     console.print(f"{target}: {target.stat().st_size / 1024:.0f} KiB, "
@@ -286,16 +293,14 @@ def export_command(
 
 def _load_model(path: Path) -> tuple[Any, dict[str, Any], int]:
     """(model, catalogue, max_len) from a run folder, or from a TorchScript export."""
-    import torch
-
     from common import export
     from common.model import build_model
 
     if path.is_file():
         try:
             module, extra = export.load(path)
-        except (RuntimeError, ValueError) as e:
-            raise DataError(f"{path} is not a fedrec export: {str(e).splitlines()[0]}") from None
+        except (RuntimeError, ValueError, EOFError) as e:  # EOFError: an empty file
+            raise DataError(f"{path} is not a fedrec export: {first_sentence(e)}") from None
         return module, extra, int(extra["max_len"])
     for name in ("config.json", MODEL, ITEMS):
         if not (path / name).is_file():
@@ -303,7 +308,7 @@ def _load_model(path: Path) -> tuple[Any, dict[str, Any], int]:
     cfg = Config.from_run_config(read_json(path / "config.json"))
     items = read_json(path / ITEMS)
     net = build_model(cfg, len(items["item_ids"]))
-    net.load_state_dict(torch.load(path / MODEL, weights_only=True))
+    net.load_state_dict(load_tensors(path / MODEL))
     return net, items, cfg.max_len
 
 

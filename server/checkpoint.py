@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from common import artifacts
+from common.errors import DataError
 from common.flower_compat import restore_server_optimizer, server_optimizer_state
 from server.strategy import GuardedStrategy
 
@@ -46,15 +47,23 @@ def restore(out: Path | None, strategy: GuardedStrategy, grid: Grid, model: torc
     """
     if out is None or not (out / CHECKPOINT).is_file():
         raise artifacts.OutputExistsError(f"cannot resume: no {CHECKPOINT} under out-dir {out}")
-    saved = torch.load(out / CHECKPOINT, weights_only=True)
+    saved = artifacts.load_tensors(out / CHECKPOINT)
     model.load_state_dict(saved["arrays"])
     restore_server_optimizer(strategy.inner, {name: {k: v.numpy() for k, v in values.items()}
                                               for name, values in saved["optimizer"].items()})
     if saved["clients"] and hasattr(grid, "restore"):
-        grid.restore(json.loads(saved["clients"]))
+        grid.restore(_json(saved["clients"], out / CHECKPOINT))
     lines = (out / artifacts.METRICS).read_text().splitlines() if (out / artifacts.METRICS).exists() else []
-    kept = [line for line in lines if json.loads(line)["round"] <= saved["round"]]
+    kept = [line for line in lines if _json(line, out / artifacts.METRICS)["round"] <= saved["round"]]
     artifacts.replace_atomically(out / artifacts.METRICS, lambda tmp: tmp.write_text("".join(f"{k}\n" for k in kept)))
     return {"round": int(saved["round"]), "elapsed": float(saved["elapsed"]),
-            "epsilons": {int(k): v for k, v in json.loads(saved["epsilons"]).items()},
+            "epsilons": {int(k): v for k, v in _json(saved["epsilons"], out / CHECKPOINT).items()},
             "arrays": ArrayRecord(model.state_dict())}
+
+
+def _json(text: str, source: Path) -> Any:
+    """A JSON record of the run; a corrupt one ends the resume with one line, not a traceback."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"cannot resume: {source} holds corrupt JSON ({e}): the run cannot continue") from None

@@ -27,6 +27,7 @@ def train_centralized(
     cfg: Config, out: Path, on_epoch: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
     """Train, write config.json, metrics.jsonl, summary.json, model.pt and items.json to `out`."""
+    artifacts.check_output_folder(out)  # before the training it would otherwise throw away
     keep_freed_memory()  # as the in-process engine does, so the two compare like for like
     data = load_dataset(cfg)
     windows = training_windows(data.sequences, cfg.max_len)
