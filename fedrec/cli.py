@@ -7,6 +7,7 @@ an option left out keeps that default, so `fedrec` and `flwr run .` agree.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -345,9 +346,27 @@ def _flatten(info: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 deploy.register(app)
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised where the job is: like Ctrl-C it unwinds `staged_output`, which removes the
+    hidden staging folder (a BaseException, so no `except Exception` on the way swallows it)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second `kill` ends the process at once
+    raise Terminated(128 + signum)
+
+
 def main() -> None:
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except USER_ERRORS as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
+    except Terminated as e:
+        err.print("error: stopped by SIGTERM (kill), leaving nothing half-written: run the command again "
+                  "(or `fedrec simulate --resume` the simulation's folder)",
+                  markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(e.code) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # for callers in this process (the tests)

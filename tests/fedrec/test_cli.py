@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -229,6 +232,24 @@ def test_unusable_out_is_refused_before_any_work(monkeypatch, capsys, tmp_path, 
     _one_error_line(code, err, expected)
     assert not started and not _hidden(tmp_path) and (tmp_path / "file").read_text() == "not a folder"
     assert not (tmp_path / "ro").exists() or not list((tmp_path / "ro").iterdir())
+
+
+def test_sigterm_stops_train_like_ctrl_c(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedrec", "train", "--out", str(out), "--epochs", "1000", "--no-dp",
+               "--max-len", "10", "--embedding-dim", "8", "--hidden-dim", "8", "--quiet"]
+    job = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".run.partial-*")) and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".run.partial-*")), "training never started"
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines() == ["error: stopped by SIGTERM (kill), leaving nothing half-written: run the "
+                                        "command again (or `fedrec simulate --resume` the simulation's folder)"]
+    assert not out.exists() and not _hidden(tmp_path)
 
 
 def test_corrupt_run_files_give_one_line(monkeypatch, capsys, tmp_path):
