@@ -24,7 +24,7 @@ AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulya
 ATTACKS = ("none", "scale", "sign-flip", "random", "nan", "target")
 OPTIMIZERS = ("adam", "sgd")
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "ml-latest", "seq", "inter", "csv")
-SEED_LIMIT = 2**32  # numpy's legacy seeding and torch's CUDA generators take 32-bit seeds
+SEED_LIMIT = 2**32  # what np.random.seed accepts, and within torch.manual_seed's range
 # Sizes far beyond any data set or device (a model with these would not fit in memory): refused
 # here with one line rather than failing in numpy or torch with a traceback or an allocation error.
 SIZE_LIMITS = {"max_len": 100_000, "embedding_dim": 65_536, "hidden_dim": 65_536,
