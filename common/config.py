@@ -8,7 +8,9 @@ mapping into a `Config` here, which checks names, types and ranges once.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +24,11 @@ AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulya
 ATTACKS = ("none", "scale", "sign-flip", "random", "nan", "target")
 OPTIMIZERS = ("adam", "sgd")
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "ml-latest", "seq", "inter", "csv")
+SEED_LIMIT = 2**32  # what np.random.seed accepts, and within torch.manual_seed's range
+# Sizes far beyond any data set or device (a model with these would not fit in memory): refused
+# here with one line rather than failing in numpy or torch with a traceback or an allocation error.
+SIZE_LIMITS = {"max_len": 100_000, "embedding_dim": 65_536, "hidden_dim": 65_536,
+               "synthetic_users": 100_000_000, "synthetic_items": 100_000_000, "synthetic_max_len": 100_000}
 
 
 class ConfigError(ValueError):
@@ -95,6 +102,7 @@ class Config:
     target_item: str
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         _check(self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         for name, allowed in (("partition", PARTITIONS), ("server_strategy", STRATEGIES), ("optimizer", OPTIMIZERS),
                               ("aggregation", AGGREGATIONS), ("attack", ATTACKS)):
@@ -103,7 +111,8 @@ class Config:
         for name in ("num_server_rounds", "num_clients", "local_epochs", "eval_every", "server_lr", "skew_alpha",
                      "round_timeout"):
             _check(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
-        _check(0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1] (0 would train nothing), got {self.fraction_train}")
+        _check(0 < self.fraction_train <= 1,
+               f"fraction-train must be in (0, 1] (0 would train nothing), got {self.fraction_train}")
         _check(0 <= self.fraction_evaluate <= 1, f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         _check(0 <= self.holdout_users < 1, f"holdout-users must be in [0, 1), got {self.holdout_users}")
         _check(self.min_train_nodes >= 1, f"min-train-nodes must be >= 1, got {self.min_train_nodes}")
@@ -120,7 +129,8 @@ class Config:
         _check(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         _check(self.max_grad_norm > 0, f"max-grad-norm must be positive, got {self.max_grad_norm}")
         _check(self.central_clip > 0, f"central-clip must be positive, got {self.central_clip}")
-        _check(self.central_noise_multiplier >= 0, f"central-noise-multiplier must be >= 0, got {self.central_noise_multiplier}")
+        _check(self.central_noise_multiplier >= 0,
+               f"central-noise-multiplier must be >= 0, got {self.central_noise_multiplier}")
         _check(not self.central_dp or self.server_strategy == "fedavg",
                "central-dp needs server-strategy = fedavg (its noise is calibrated to a uniform average)")
         _check(not self.central_dp or self.central_noise_multiplier > 0 or self.central_target_epsilon > 0,
@@ -133,7 +143,8 @@ class Config:
         _check(not self.secagg or self.partition != "devices" or self.central_dp or self.secagg_max_weight > 0,
                "secagg with deployed clients (partition = devices) needs secagg-max-weight > 0: "
                "at least the windows of the largest client (the server cannot count them)")
-        _check(0 <= self.byzantine_fraction < 0.5, f"byzantine-fraction must be in [0, 0.5), got {self.byzantine_fraction}")
+        _check(0 <= self.byzantine_fraction < 0.5,
+               f"byzantine-fraction must be in [0, 0.5), got {self.byzantine_fraction}")
         _check(0 <= self.attack_fraction <= 1, f"attack-fraction must be in [0, 1], got {self.attack_fraction}")
         for name in ("max_update_norm", "update_norm_factor", "attack_scale"):
             _check(getattr(self, name) >= 0, f"{_key(name)} must be >= 0, got {getattr(self, name)}")
@@ -146,6 +157,18 @@ class Config:
                "attacks are simulated by the in-process engine only, not with deployed clients")
         _check(not self.dp or self.target_epsilon > 0,
                "with dp on, target-epsilon must be > 0: it is the budget every client keeps to")
+
+    def _check_numbers(self) -> None:
+        """NaN, infinities, a seed out of range and absurd sizes fail late and obscurely (NaN scores,
+        Opacus's accountant looping forever, numpy asking for terabytes): refuse them first."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "float":
+                _check(math.isfinite(value), f"{_key(field.name)} must be a finite number, got {value}")
+            if field.name in SIZE_LIMITS:
+                _check(value <= SIZE_LIMITS[field.name],
+                       f"{_key(field.name)} must be at most {SIZE_LIMITS[field.name]:,}, got {value:,}")
+        _check(0 <= self.seed < SEED_LIMIT, f"seed must be an integer from 0 to {SEED_LIMIT - 1}, got {self.seed}")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> Config:
@@ -166,9 +189,9 @@ class Config:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in merged.items():
-            name = key.replace("-", "_")
+            name = str(key).replace("-", "_")
             if name not in fields:
-                continue  # keys of other roles (server rounds, ...) are read where they are used
+                raise ConfigError(_unknown(str(key), [_key(f) for f in fields]))
             values[name] = _coerce(key, value, fields[name].type)
         missing = set(fields) - set(values)
         _check(not missing, f"missing settings: {', '.join(sorted(_key(m) for m in missing))}")
@@ -200,6 +223,13 @@ def _defaults() -> dict[str, Any]:
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    """A misspelt setting would otherwise silently keep its default (a privacy budget, say)."""
+    close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+    hint = f": did you mean {close[0]!r}?" if close else " (`fedrec <command> --help` lists the settings)"
+    return f"unknown setting {key!r}{hint}"
 
 
 def _check(ok: bool, message: str) -> None:

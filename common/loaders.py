@@ -22,6 +22,12 @@ from common.errors import DataError
 
 COLUMNS = ["user", "item", "rating", "timestamp", "line"]
 MALFORMED_SAMPLE = 5  # line numbers of malformed rows kept for the report
+MAX_ID_CHARS = 1024  # ids become fixed-width numpy strings: one huge id would size every id's slot
+MAX_TITLE_CHARS = 1024  # titles only label recommendations: longer ones are cut, for the same reason
+SNIFF_LINES = 1000  # lines a reader looks at to recognise a file written in another format
+# A ratings line is `user item rating timestamp`: a rating on a small scale, then a Unix time (>= 1973).
+RATING_SCALE, MIN_UNIX_TIME = 10, 1e8
+_RATINGS_FORMATS = (("\t", "ml-100k"), ("::", "ml-1m"), (",", "ml-latest"))
 FORMATS = ("ml-100k", "ml-1m", "ml-latest", "seq", "inter", "csv")
 
 _SEP_NAMES = {"\t": "tab", ",": "comma", "::": "'::'", r"\s+": "whitespace", "|": "'|'", ";": "';'"}
@@ -71,7 +77,7 @@ def read_titles(fmt: str, path: Path) -> pd.Series:
     else:
         raise DataError(f"format {fmt!r} has no titles file")
     table = table.dropna(subset=[0, 1])
-    return pd.Series(table[1].to_numpy(dtype=str), index=table[0].to_numpy(dtype=str))
+    return pd.Series(table[1].str.slice(0, MAX_TITLE_CHARS).to_numpy(dtype=str), index=table[0].to_numpy(dtype=str))
 
 
 def _read_movielens(path: Path, sep: str, header: list[str] | None = None) -> Loaded:
@@ -96,6 +102,7 @@ def _read_movielens(path: Path, sep: str, header: list[str] | None = None) -> Lo
 
 def _read_inter(path: Path) -> Loaded:
     """SASRec-style `user item` lines; the file order is the time order."""
+    _refuse_ratings(path, _head_lines(path), "inter")
     table = _read_fields(path, r"\s+", 2, encoding="utf-8")
     frame = pd.DataFrame({"user": table[0], "item": table[1], "rating": np.nan,
                           "timestamp": np.arange(len(table), dtype=float), "line": table["line"]})
@@ -108,7 +115,9 @@ def _read_seq(path: Path) -> Loaded:
 
     Read line by line because each line holds a whole sequence rather than one record.
     """
-    tokens = _read_lines(path).str.split()
+    lines = _read_lines(path)
+    _refuse_ratings(path, lines, "seq")
+    tokens = lines.str.split()
     tokens = tokens[tokens.str.len() > 0]  # blank lines are not records
     has_items = tokens.str.len() > 1
     items = tokens[has_items].str[1:].explode()
@@ -121,6 +130,7 @@ def _read_seq(path: Path) -> Loaded:
     bad_lines = tokens.index[~has_items].to_numpy() + 1
     if frame.empty:
         raise DataError(f"{path}: no valid row: every line is a user without items")
+    _check_ids(path, frame)
     return Loaded(frame[COLUMNS], malformed=len(bad_lines),
                   malformed_lines=tuple(int(n) for n in bad_lines[:MALFORMED_SAMPLE]), source=str(path))
 
@@ -209,6 +219,66 @@ def _read_lines(path: Path) -> pd.Series:
     return pd.Series(text.removesuffix("\n").split("\n"), dtype=str)
 
 
+def _head_lines(path: Path) -> pd.Series:
+    """The first SNIFF_LINES lines of a plain or gzipped file (undecodable bytes replaced)."""
+    _require_file(path)
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+            # the first SNIFF_LINES lines only: zip stops at the shorter
+            return pd.Series([line for _, line in zip(range(SNIFF_LINES), f, strict=False)], dtype=str)
+    except (EOFError, OSError) as e:
+        raise DataError(f"{path}: cannot read: {_first_line(e)}") from None
+
+
+def _refuse_ratings(path: Path, lines: pd.Series, fmt: str) -> None:
+    """Refuse a MovieLens-style ratings file given as `fmt`: read as a sequence, its ratings and
+    timestamps would become items and the model would train on noise without any error.
+
+    The rule: every one of the first SNIFF_LINES non-blank lines (after a header line, if any)
+    splits on the format's separator into exactly 4 numbers, the third a rating in
+    [0, RATING_SCALE] and the fourth a Unix time >= MIN_UNIX_TIME. A sequence file whose users all
+    hold exactly three items, the second a small number and the third a large one, is not a
+    real data set; S3-Rec's and SASRec's files never match.
+    """
+    head = lines.head(SNIFF_LINES).str.strip()
+    head = head[head != ""]
+    for sep, name in _RATINGS_FORMATS:
+        fields = head.str.split(sep, regex=False)
+        if len(fields) > 1 and not _is_number(fields.iloc[0][0]):
+            fields = fields.iloc[1:]  # a header row, as ratings.csv has
+        if len(fields) and _ratings_rows(fields):
+            raise DataError(f"{path} holds `user item rating timestamp` ratings ({name}'s format), not {fmt}: "
+                            f"give the format {name} (`fedrec client --data-format {name}`, "
+                            f"or `--dataset {name}`)")
+
+
+def _ratings_rows(fields: pd.Series) -> bool:
+    """Whether every row is [number, number, rating, Unix time]."""
+    if not (fields.str.len() == 4).all():
+        return False
+    table = pd.DataFrame(fields.tolist()).apply(pd.to_numeric, errors="coerce")
+    return bool(table.notna().all().all() and table[2].between(0, RATING_SCALE).all()
+                and (table[3] >= MIN_UNIX_TIME).all())
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_ids(path: Path, frame: pd.DataFrame) -> None:
+    """Refuse ids longer than MAX_ID_CHARS: a corrupt file or a wrong format, never a real id."""
+    for role in ("user", "item"):
+        lengths = frame[role].astype(str).str.len()
+        if len(lengths) and lengths.max() > MAX_ID_CHARS:
+            row = frame.iloc[int(lengths.to_numpy().argmax())]
+            raise DataError(f"{path}: line {row['line']}: {role} id of {int(lengths.max()):,} characters "
+                            f"(ids have at most {MAX_ID_CHARS:,}): is the file corrupt, or in another format?")
+
+
 def _finish(path: Path, frame: pd.DataFrame, valid: pd.Series, expected: str) -> Loaded:
     """Keep the valid rows; fail when none is left, since then the whole file is in the wrong shape."""
     if frame.empty:
@@ -218,6 +288,7 @@ def _finish(path: Path, frame: pd.DataFrame, valid: pd.Series, expected: str) ->
         raise DataError(f"{path}: no valid row among {len(frame)} lines (expected {expected}); "
                         f"first bad lines: {', '.join(map(str, bad_lines[:MALFORMED_SAMPLE]))}")
     frame = frame[valid].reset_index(drop=True)
+    _check_ids(path, frame)
     frame = frame.astype({"user": str, "item": str, "rating": float, "timestamp": float, "line": np.int64})
     return Loaded(frame[COLUMNS], malformed=len(bad_lines),
                   malformed_lines=tuple(int(n) for n in bad_lines[:MALFORMED_SAMPLE]), source=str(path))

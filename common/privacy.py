@@ -28,6 +28,11 @@ from common.errors import DataError
 from common.memo import cached
 
 Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
+# Steps a ledger may hold in all. A run takes rounds x local epochs x 1/q steps: thousands, some
+# 10^5 for a centralized DP run on MovieLens 32M. The accountants' cost grows faster than the
+# steps (PRV: 7 s and 1.6 GB at 10^5, over 5 min and 7 GB at 10^6; 10^12 asks numpy for 226 GiB),
+# so a crafted ledger must not reach them.
+MAX_STEPS = 1_000_000
 SECAGG_ARRAY_NAMES = "array-names"  # config key: SecAgg+'s legacy message layout drops the parameter names
 
 
@@ -62,6 +67,10 @@ class Ledger:
             raise DataError(f"privacy ledger is unreadable: {e}") from None
         if not ok or any(not (s > 0 and 0 < q <= 1 and n >= 0 and math.isfinite(s)) for s, q, n in history):
             raise DataError("privacy ledger failed its checksum: it was altered outside fedrec")
+        steps = sum(n for _, _, n in history)
+        if steps > MAX_STEPS:
+            raise DataError(f"privacy ledger holds {steps:,} DP steps, more than any run takes (at most "
+                            f"{MAX_STEPS:,}): it is corrupt or crafted, and its ε is not computed")
         return cls(history)
 
     def save(self, path: Path) -> None:
@@ -175,16 +184,24 @@ def compressed(history: Iterable[Mechanism]) -> tuple[Mechanism, ...]:
     return tuple(merged)
 
 
-def check_fixed_noise(cfg: Config, plans: Iterable[tuple[int, int]]) -> None:
-    """Refuse a fixed `noise-multiplier` that cannot keep `target-epsilon` over the plan: each
-    plan is (windows, epochs), and the most expensive one must fit. Without this a run would
-    spend more than it promised (centralized) or decline every round (federated)."""
-    if not cfg.dp or cfg.noise_multiplier <= 0:
+def check_plan(cfg: Config, plans: Iterable[tuple[int, int]]) -> None:
+    """Refuse DP training that cannot keep its promise, before it starts; each plan is (windows,
+    epochs) and the most expensive one must fit:
+    - more DP steps than fedrec accounts (`MAX_STEPS`: PRV's cost grows with the steps, seconds at
+      10^5 and minutes beyond 10^6, so the accountant would seem to hang);
+    - a fixed `noise-multiplier` that would spend more than `target-epsilon`: a run would overspend
+      (centralized) or decline every round (federated)."""
+    if not cfg.dp:
         return
     distinct = {(sample_rate(w, cfg.batch_size), e * batches_per_epoch(w, cfg.batch_size)) for w, e in plans}
+    most = max((steps for _, steps in distinct), default=0)
+    if most > MAX_STEPS:
+        raise ConfigError(f"the planned training takes {most:,} DP steps, more than fedrec accounts "
+                          f"({MAX_STEPS:,}): raise --batch-size or train fewer epochs or rounds")
+    if cfg.noise_multiplier <= 0:
+        return
     spent = max((Ledger(((cfg.noise_multiplier, q, steps),)).epsilon(cfg.delta) for q, steps in distinct), default=0.0)
     if spent > cfg.target_epsilon * (1 + 1e-9):
         raise ConfigError(f"noise-multiplier {cfg.noise_multiplier:g} spends ε = {spent:.3g} over the planned "
-                          "training, "
-                          f"more than target-epsilon {cfg.target_epsilon:g}: raise --noise-multiplier, or set it to 0 "
-                          "to derive σ from the target")
+                          f"training, more than target-epsilon {cfg.target_epsilon:g}: raise --noise-multiplier, "
+                          "or set it to 0 to derive σ from the target")

@@ -6,6 +6,8 @@ an option left out keeps that default, so `fedrec` and `flwr run .` agree.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -13,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.artifacts import ITEMS, MODEL, OutputExistsError, read_json
+from common.artifacts import ITEMS, MODEL, OutputError, OutputExistsError, first_sentence, load_tensors, read_json
 from common.config import Config, ConfigError, defaults
 from common.dataset import DataError, load_dataset, stats
 from common.errors import NoProgressError
@@ -25,7 +27,7 @@ data_app = typer.Typer(help="Inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
 err = Console(stderr=True)
-USER_ERRORS = (ConfigError, DataError, OutputExistsError, NoProgressError)
+USER_ERRORS = (ConfigError, DataError, OutputError, NoProgressError)
 D = defaults()
 
 
@@ -34,8 +36,10 @@ def _opt(key: str, help: str, *decls: str) -> Any:
 
 
 # Options shared by every command that loads data (default None = the run config's value).
-Dataset = Annotated[Optional[str], _opt("dataset", "synthetic, ml-100k, ml-1m, ml-latest-small, ml-latest, seq, inter or csv")]
-DataDir = Annotated[Optional[str], _opt("data-dir", "Folder (or file, for seq/inter/csv) with the data; empty downloads MovieLens")]
+Dataset = Annotated[Optional[str], _opt("dataset",
+                                        "synthetic, ml-100k, ml-1m, ml-latest-small, ml-latest, seq, inter or csv")]
+DataDir = Annotated[Optional[str], _opt("data-dir",
+                                        "Folder (or file, for seq/inter/csv) with the data; empty downloads MovieLens")]
 Kcore = Annotated[Optional[int], _opt("kcore", "Keep users and items with at least N interactions (0 disables)")]
 MinRating = Annotated[Optional[float], _opt("min-rating", "Keep ratings >= this as implicit feedback (0 keeps all)")]
 MaxLen = Annotated[Optional[int], _opt("max-len", "Items of history the model reads")]
@@ -103,7 +107,8 @@ def train_command(
 @app.command("simulate")
 def simulate_command(
     out: Out = Path("runs/simulation"),
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder (its own settings)")] = None,
+    resume: Annotated[Optional[Path],
+                      typer.Option(help="Continue the interrupted run in this folder (its own settings)")] = None,
     dataset: Dataset = None,
     data_dir: DataDir = None,
     kcore: Kcore = None,
@@ -114,7 +119,8 @@ def simulate_command(
     partition: Annotated[Optional[str], _opt("partition", "user (one client per user), iid or skew")] = None,
     num_clients: Annotated[Optional[int], _opt("num-clients", "Clients for iid and skew partitions")] = None,
     fraction_train: Annotated[Optional[float], _opt("fraction-train", "Share of clients sampled per round")] = None,
-    min_train_nodes: Annotated[Optional[int], _opt("min-train-nodes", "Fewest usable replies to aggregate a round")] = None,
+    min_train_nodes: Annotated[Optional[int], _opt("min-train-nodes",
+                                                   "Fewest usable replies to aggregate a round")] = None,
     local_epochs: Annotated[Optional[int], _opt("local-epochs", "Epochs of local training per round")] = None,
     batch_size: BatchSize = None,
     lr: Lr = None,
@@ -126,25 +132,42 @@ def simulate_command(
     hidden_dim: HiddenDim = None,
     dropout: Dropout = None,
     weight_decay: WeightDecay = None,
-    holdout_users: Annotated[Optional[float], _opt("holdout-users", "Share of users kept out of training for the server")] = None,
+    holdout_users: Annotated[Optional[float], _opt("holdout-users",
+                                                   "Share of users kept out of training for the server")] = None,
     dp: Dp = None,
     noise_multiplier: NoiseMultiplier = None,
     target_epsilon: TargetEpsilon = None,
     delta: Delta = None,
     max_grad_norm: MaxGradNorm = None,
-    central_dp: Annotated[Optional[bool], _opt("central-dp", "User-level central DP: clip each client's update, noise on the average", "--central-dp/--no-central-dp")] = None,
-    central_target_epsilon: Annotated[Optional[float], _opt("central-target-epsilon", "Central DP budget ε over all rounds")] = None,
-    central_noise_multiplier: Annotated[Optional[float], _opt("central-noise-multiplier", "Central DP σ (0: derive from the target)")] = None,
+    central_dp: Annotated[Optional[bool], _opt(
+        "central-dp", "User-level central DP: clip each client's update, noise on the average",
+        "--central-dp/--no-central-dp")] = None,
+    central_target_epsilon: Annotated[Optional[float], _opt("central-target-epsilon",
+                                                            "Central DP budget ε over all rounds")] = None,
+    central_noise_multiplier: Annotated[Optional[float], _opt("central-noise-multiplier",
+                                                              "Central DP σ (0: derive from the target)")] = None,
     central_clip: Annotated[Optional[float], _opt("central-clip", "Norm each client's update is clipped to")] = None,
-    secagg: Annotated[Optional[bool], _opt("secagg", "Secure aggregation (SecAgg+): the server sees only the sum", "--secagg/--no-secagg")] = None,
-    aggregation: Annotated[Optional[str], _opt("aggregation", "fedavg, median, trimmed-mean, krum, multi-krum or bulyan")] = None,
-    byzantine_fraction: Annotated[Optional[float], _opt("byzantine-fraction", "Share of a round's clients the defence assumes malicious")] = None,
-    max_update_norm: Annotated[Optional[float], _opt("max-update-norm", "Reject longer updates (0: update-norm-factor x the round's median)")] = None,
-    update_norm_factor: Annotated[Optional[float], _opt("update-norm-factor", "Norm bound as a multiple of the round's median (0: none)")] = None,
-    attack: Annotated[Optional[str], _opt("attack", "Simulated attack: scale, sign-flip, random, nan or target")] = None,
-    attack_fraction: Annotated[Optional[float], _opt("attack-fraction", "Share of the clients that are malicious")] = None,
+    secagg: Annotated[Optional[bool], _opt("secagg", "Secure aggregation (SecAgg+): the server sees only the sum",
+                                           "--secagg/--no-secagg")] = None,
+    aggregation: Annotated[Optional[str], _opt("aggregation",
+                                               "fedavg, median, trimmed-mean, krum, multi-krum or bulyan")] = None,
+    byzantine_fraction: Annotated[
+        Optional[float], _opt("byzantine-fraction", "Share of a round's clients the defence assumes malicious"),
+    ] = None,
+    max_update_norm: Annotated[
+        Optional[float], _opt("max-update-norm", "Reject longer updates (0: update-norm-factor x the round's median)"),
+    ] = None,
+    update_norm_factor: Annotated[
+        Optional[float], _opt("update-norm-factor", "Norm bound as a multiple of the round's median (0: none)"),
+    ] = None,
+    attack: Annotated[Optional[str], _opt("attack",
+                                          "Simulated attack: scale, sign-flip, random, nan or target")] = None,
+    attack_fraction: Annotated[Optional[float], _opt("attack-fraction",
+                                                     "Share of the clients that are malicious")] = None,
     attack_scale: Annotated[Optional[float], _opt("attack-scale", "Factor the attackers boost their update by")] = None,
-    target_item: Annotated[Optional[str], _opt("target-item", "Raw item id the target attack pushes (its exposure is reported)")] = None,
+    target_item: Annotated[
+        Optional[str], _opt("target-item", "Raw item id the target attack pushes (its exposure is reported)"),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Federated training of many clients in this process (the ServerApp and ClientApp, no Ray)."""
@@ -218,22 +241,25 @@ def recommend_command(
         raise DataError(f"unknown item ids in --history: {', '.join(unknown[:5]) or '(none given)'}")
     top, scores, attention = recommend(net, [index[h] for h in raw_history], k, max_len)
     table = Table("rank", "item", "title", "score")
-    for rank, (item, score) in enumerate(zip(top, scores), start=1):
+    for rank, (item, score) in enumerate(zip(top, scores, strict=True), start=1):
         table.add_row(str(rank), items["item_ids"][item - 1], items["titles"][item - 1], f"{score:.3f}")
     console.print(table)
     if explain:
         why = Table("history item", "title", "attention", title="attention over the history")
-        for raw, weight in zip(raw_history[-max_len:], attention):
+        for raw, weight in zip(raw_history[-max_len:], attention, strict=True):
             why.add_row(raw, items["titles"][index[raw] - 1], f"{weight:.3f}")
         console.print(why)
 
 
 @app.command("privacy")
 def privacy_command(
-    run: Annotated[Optional[Path], typer.Option(help="Folder of a finished run (participation.json, privacy.json, ledgers/)")] = None,
-    ledger: Annotated[Optional[Path], typer.Option(help="One device's ledger file (its state folder's privacy-ledger.json)")] = None,
+    run: Annotated[Optional[Path],
+                   typer.Option(help="Folder of a finished run (participation.json, privacy.json, ledgers/)")] = None,
+    ledger: Annotated[Optional[Path],
+                      typer.Option(help="One device's ledger file (its state folder's privacy-ledger.json)")] = None,
     delta: Annotated[Optional[float], _opt("delta", "δ for --ledger")] = None,
-    show_all: Annotated[bool, typer.Option("--all", help="A row for every client, not only problems and the largest ε")] = False,
+    show_all: Annotated[bool, typer.Option("--all",
+                                           help="A row for every client, not only problems and the largest ε")] = False,
 ) -> None:
     """Every ε of a run recomputed from the server's participation record by two accountants, and
     checked against each client's ledger and reported ε; exit 1 on any mismatch."""
@@ -247,15 +273,18 @@ def privacy_command(
         clients, central = [audit_ledger(ledger, delta if delta is not None else D["delta"], None)], None
     largest = max(clients, key=lambda c: c.prv or 0.0, default=None)
     rows = [c for c in clients if show_all or c.problem or c is largest] + ([central] if central else [])
-    table = Table("ledger", "mechanisms (σ, q, steps)", "reported ε", "ε PRV (Opacus)", "ε PLD (dp-accounting)", "check",
+    table = Table("ledger", "mechanisms (σ, q, steps)", "reported ε", "ε PRV (Opacus)", "ε PLD (dp-accounting)",
+                  "check",
                   title=f"privacy: {len(clients)} client ledgers" + (" and the server's central DP" if central else ""))
     for c in rows:
-        mechanisms = "; ".join(f"{s:.3g}, {q:.3g}, {n}" for s, q, n in c.history[:4]) + (" …" if len(c.history) > 4 else "")
+        mechanisms = "; ".join(f"{s:.3g}, {q:.3g}, {n}" for s, q,
+                               n in c.history[:4]) + (" …" if len(c.history) > 4 else "")
         table.add_row(c.name, mechanisms, _num(c.reported), _num(c.prv), _num(c.pld), c.problem or "ok")
     console.print(table)
     bad = [c for c in [*clients, *([central] if central else [])] if c.problem]
     if bad:
-        err.print(f"error: {len(bad)} ledger(s) failed: {bad[0].name}: {bad[0].problem}", markup=False, highlight=False)
+        err.print(f"error: {len(bad)} ledger(s) failed: {bad[0].name}: {bad[0].problem}", markup=False, highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(1)
     if run is not None:
         console.print(f"all {len(clients)} clients' ledgers and reported ε match the server's participation record"
@@ -271,7 +300,8 @@ def _num(value: float | None) -> str:
 @app.command("export")
 def export_command(
     model: Annotated[Path, typer.Option(help="Folder of a finished run (config.json, model.pt, items.json)")],
-    out: Annotated[Optional[Path], typer.Option(help="File to write [default: <model>/model.<quantize>.torchscript.pt]")] = None,
+    out: Annotated[Optional[Path],
+                   typer.Option(help="File to write [default: <model>/model.<quantize>.torchscript.pt]")] = None,
     format: Annotated[str, typer.Option(help="Export format (torchscript)")] = "torchscript",
     quantize: Annotated[str, typer.Option(help="none or int8 (dynamic int8 linear layers)")] = "none",
 ) -> None:
@@ -282,10 +312,16 @@ def export_command(
         raise ConfigError(f"--format must be torchscript, got {format!r}")
     if quantize not in export.QUANTIZATIONS:
         raise ConfigError(f"--quantize must be one of {', '.join(export.QUANTIZATIONS)}, got {quantize!r}")
+    if model.is_file():  # an export holds a scripted module, which cannot be scripted again
+        raise DataError(f"--model {model} is a file: give the --out folder of a finished run (exports are final)")
     net, items, max_len = _load_model(model)
     target = out or model / f"model.{quantize}.torchscript.pt"
     if target.exists():
         raise OutputExistsError(f"{target} already exists: choose another --out")
+    if not target.parent.is_dir():
+        raise OutputError(f"--out {target}: folder {target.parent} does not exist: create it, or choose another")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {target}: folder {target.parent} is not writable: choose another")
     export.export(net, target, max_len=max_len, items=items, quantize=quantize)
     module, _ = export.load(target)
     console.print(f"{target}: {target.stat().st_size / 1024:.0f} KiB, "
@@ -294,16 +330,14 @@ def export_command(
 
 def _load_model(path: Path) -> tuple[Any, dict[str, Any], int]:
     """(model, catalogue, max_len) from a run folder, or from a TorchScript export."""
-    import torch
-
     from common import export
     from common.model import build_model
 
     if path.is_file():
         try:
             module, extra = export.load(path)
-        except (RuntimeError, ValueError) as e:
-            raise DataError(f"{path} is not a fedrec export: {str(e).splitlines()[0]}") from None
+        except (RuntimeError, ValueError, EOFError) as e:  # EOFError: an empty file
+            raise DataError(f"{path} is not a fedrec export: {first_sentence(e)}") from None
         return module, extra, int(extra["max_len"])
     for name in ("config.json", MODEL, ITEMS):
         if not (path / name).is_file():
@@ -311,14 +345,15 @@ def _load_model(path: Path) -> tuple[Any, dict[str, Any], int]:
     cfg = Config.from_run_config(read_json(path / "config.json"))
     items = read_json(path / ITEMS)
     net = build_model(cfg, len(items["item_ids"]))
-    net.load_state_dict(torch.load(path / MODEL, weights_only=True))
+    net.load_state_dict(load_tensors(path / MODEL))
     return net, items, cfg.max_len
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     columns = {"accuracy": {"hr@10": "HR@10", "ndcg@10": "NDCG@10", "mrr@10": "MRR@10", "hr@20": "HR@20",
                              "ndcg@20": "NDCG@20"},
-               "bias and exposure": {"coverage@10": "coverage@10", "gini@10": "Gini@10", "head-share@10": "top-20% share@10",
+               "bias and exposure": {"coverage@10": "coverage@10", "gini@10": "Gini@10",
+                                     "head-share@10": "top-20% share@10",
                                      "target-exposure@10": "target exposure@10"}}
     models = (("model", summary["test"]), ("most popular", summary["popularity_test"]))
     for title, names in columns.items():
@@ -331,7 +366,8 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         console.print(table)
     dp = summary["dp"]
     if dp["enabled"]:
-        epsilon = f"ε = {dp['epsilon']:.3f}" if "epsilon" in dp else f"ε ≤ {dp['epsilon_max']:.3f} per client (median {dp['epsilon_median']:.3f})"
+        epsilon = (f"ε = {dp['epsilon']:.3f}" if "epsilon" in dp else
+                   f"ε ≤ {dp['epsilon_max']:.3f} per client (median {dp['epsilon_median']:.3f})")
         console.print(f"DP: {epsilon} at δ = {dp['delta']:g}, protecting {dp['unit']}")
 
 
@@ -348,9 +384,27 @@ def _flatten(info: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 deploy.register(app)
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised where the job is: like Ctrl-C it unwinds `staged_output`, which removes the
+    hidden staging folder (a BaseException, so no `except Exception` on the way swallows it)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second `kill` ends the process at once
+    raise Terminated(128 + signum)
+
+
 def main() -> None:
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except USER_ERRORS as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
+    except Terminated as e:
+        err.print("error: stopped by SIGTERM (kill), leaving nothing half-written: run the command again "
+                  "(or `fedrec simulate --resume` the simulation's folder)",
+                  markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(e.code) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # for callers in this process (the tests)

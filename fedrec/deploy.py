@@ -9,12 +9,14 @@ the node config a fedrec ClientApp reads, and a `run` whose exit status tells th
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from client.supernode import check_data, supernode_command
@@ -53,7 +55,8 @@ def server_command(
     keyfile: Annotated[Optional[Path], typer.Option(help="Server private key (PEM)")] = None,
     ca_certfile: Annotated[Optional[Path], typer.Option(help="CA certificate (PEM)")] = None,
     insecure: Insecure = False,
-    auth: Annotated[bool, typer.Option("--auth/--no-auth", help="Only registered SuperNodes may join (needs TLS)")] = True,
+    auth: Annotated[bool, typer.Option("--auth/--no-auth",
+                                       help="Only registered SuperNodes may join (needs TLS)")] = True,
 ) -> None:
     """Start the coordinating server: a Flower SuperLink, TLS and node authentication by default."""
     tls = (certfile, keyfile, ca_certfile)
@@ -64,6 +67,9 @@ def server_command(
                           "or --insecure for a local trial")
     for path in filter(None, tls):
         _require_file(path)
+    for path, option in ((tls[0], "--certfile"), (tls[2], "--ca-certfile")):
+        if path is not None:
+            certs.check_certificates(path, option)
     command = superlink_command(fc.BIN, host=host, port=port, state_dir=state_dir, certfile=tls[0],
                                 keyfile=tls[1], ca_certfile=tls[2], auth=auth)
     mode = "plain text (trial only)" if insecure else "TLS" + (", registered SuperNodes only" if auth else "")
@@ -75,13 +81,20 @@ def client_command(
     superlink: SuperLink,
     data: Annotated[Path, typer.Option(help="This device's interactions file (it never leaves the device)")],
     data_format: Annotated[str, typer.Option(help="Its format: seq, inter, csv or a MovieLens name")] = "seq",
-    state_dir: Annotated[Path, typer.Option(help="Privacy ledger and Flower's files (keep across reboots)")] = Path("fedrec-client"),
+    state_dir: Annotated[
+        Path, typer.Option(help="Privacy ledger and Flower's files (keep across reboots)"),
+    ] = Path("fedrec-client"),
     root_certificates: RootCertificates = None,
     insecure: Insecure = False,
-    auth_key: Annotated[Optional[Path], typer.Option(help="This node's private key (registered with `fedrec nodes register`)")] = None,
-    port: Annotated[int, typer.Option(help="Local port of the SuperNode's ClientApp API (one per node on a machine)")] = 9094,
-    max_retries: Annotated[Optional[int], typer.Option(help="Reconnection attempts before giving up (default: forever)")] = None,
-    max_wait_time: Annotated[Optional[float], typer.Option(help="Seconds of reconnecting before giving up (default: forever)")] = None,
+    auth_key: Annotated[Optional[Path],
+                        typer.Option(help="This node's private key (registered with `fedrec nodes register`)")] = None,
+    port: Annotated[
+        int, typer.Option(help="Local port of the SuperNode's ClientApp API (one per node on a machine)"),
+    ] = 9094,
+    max_retries: Annotated[Optional[int],
+                           typer.Option(help="Reconnection attempts before giving up (default: forever)")] = None,
+    max_wait_time: Annotated[Optional[float],
+                             typer.Option(help="Seconds of reconnecting before giving up (default: forever)")] = None,
 ) -> None:
     """Start a client on an edge device: a Flower SuperNode whose ClientApp trains on --data only."""
     ca = _trusted_ca(root_certificates, insecure)
@@ -97,7 +110,8 @@ def client_command(
 
 
 def certs_command(
-    out: Annotated[Path, typer.Option(help="Folder for the CA, server certificate and node keys")] = Path("certificates"),
+    out: Annotated[Path,
+                   typer.Option(help="Folder for the CA, server certificate and node keys")] = Path("certificates"),
     host: Annotated[Optional[list[str]], typer.Option(help="Server name or IP clients connect to (repeatable)")] = None,
     nodes: Annotated[int, typer.Option(help="SuperNode key pairs to create", min=0)] = 1,
 ) -> None:
@@ -112,14 +126,20 @@ def run_command(
     root_certificates: RootCertificates = None,
     insecure: Insecure = False,
     out: Annotated[Optional[str], typer.Option(help="Folder for the run's artefacts, on the server machine")] = None,
-    data_dir: Annotated[Optional[str], typer.Option(help="The server's held-out evaluation data, a path on the server machine")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Format of --data-dir: seq, inter, csv, a MovieLens name or synthetic")] = None,
+    data_dir: Annotated[
+        Optional[str], typer.Option(help="The server's held-out evaluation data, a path on the server machine"),
+    ] = None,
+    dataset: Annotated[
+        Optional[str], typer.Option(help="Format of --data-dir: seq, inter, csv, a MovieLens name or synthetic"),
+    ] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds")] = None,
-    run_config: Annotated[Optional[str], typer.Option(help="Other run-config values, as `flwr run --run-config`: 'key=value ...'")] = None,
+    run_config: Annotated[
+        Optional[str], typer.Option(help="Other run-config values, as `flwr run --run-config`: 'key=value ...'"),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish")] = 3600,
 ) -> None:
     """Submit a training run to the server and follow it; exit status 1 unless it completed."""
-    config = parse_config_args([run_config]) if run_config else {}
+    config = _run_config_overrides(run_config) if run_config else {}
     config.setdefault("partition", "devices")
     for key, value in (("out-dir", out), ("data-dir", data_dir), ("dataset", dataset), ("num-server-rounds", rounds)):
         if value is not None:
@@ -130,11 +150,32 @@ def run_command(
     Config.from_run_config(config)  # fail here, with one line, rather than in the ServerApp
     home, env = _flwr_home(superlink, root_certificates, insecure)
     with home:
-        status, details, run_id, log = fc.submit_run(APP_DIR, CONNECTION, env, config, time.monotonic() + timeout, echo=True)
+        status, details, run_id, log = fc.submit_run(APP_DIR, CONNECTION, env, config, time.monotonic() + timeout,
+                                                     echo=True)
     if status != "finished:completed":
         typer.echo(f"error: run {run_id} ended as {status}: {fc.failure_reason(log, details)}", err=True)
         raise typer.Exit(1)
     typer.echo(f"fedrec run: run {run_id} completed")
+
+
+# What Flower's parser reads from `--run-config` (flwr.common.config.parse_config_args): anything
+# else in the text it skips without a word, so a stray `foo` would vanish.
+_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def _run_config_overrides(text: str) -> dict[str, object]:
+    """`key=value ...` (or a .toml file) parsed as Flower will, refusing what Flower would drop."""
+    if text.strip().endswith(".toml"):
+        _require_file(Path(text.strip()).expanduser())
+    else:
+        stray = _PAIR.sub(" ", text).split()
+        if stray:
+            raise ConfigError(f"--run-config: {stray[0]!r} is not key=value: write e.g. 'local-epochs=1 dp=true'")
+    try:
+        return parse_config_args([text])
+    except (click.ClickException, ValueError) as e:
+        message = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        raise ConfigError(f"--run-config: {message}") from None
 
 
 @nodes_app.command("register")
@@ -162,7 +203,8 @@ def _flwr(arguments: list[str], superlink: str, root_certificates: Path | None, 
     typer.echo(done.stdout, nl=False)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
-        typer.echo(f"error: flwr {arguments[0]} {arguments[1]} failed: {lines[-1] if lines else done.returncode}", err=True)
+        typer.echo(f"error: flwr {arguments[0]} {arguments[1]} failed: {lines[-1] if lines else done.returncode}",
+                   err=True)
         raise typer.Exit(1)
 
 
@@ -182,6 +224,7 @@ def _trusted_ca(root_certificates: Path | None, insecure: bool) -> Path | None:
                           "or --insecure for a local trial")
     if root_certificates is not None:
         _require_file(root_certificates)
+        certs.check_certificates(root_certificates, "--root-certificates")
     return None if insecure else root_certificates
 
 

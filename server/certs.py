@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.artifacts import OutputExistsError
+from common.errors import DataError
 
 VALID_DAYS = 365
 
@@ -58,6 +59,17 @@ def create(out: Path, hosts: list[str], nodes: int) -> list[Path]:
         written += [_write(out / f"node-{i}", private, private=True),
                     _write(out / f"node-{i}.pub", public + f" fedrec-node-{i}\n".encode())]
     return written
+
+
+def check_certificates(path: Path, option: str) -> None:
+    """Refuse a file that holds no PEM certificate: Flower would print a traceback and keep running."""
+    try:
+        x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError:
+        raise DataError(f"{option} {path} holds no valid PEM certificate: give the CA certificate "
+                        "that signed the server's, e.g. ca.crt from `fedrec certs`") from None
+    except OSError as e:
+        raise DataError(f"{option} {path}: cannot read: {e.strerror}") from None
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:

@@ -73,20 +73,20 @@ def restore(out: Path | None, strategy: GuardedStrategy, grid: Grid, model: torc
     """
     if out is None or not (out / CHECKPOINT).is_file():
         raise artifacts.OutputExistsError(f"cannot resume: no {CHECKPOINT} under out-dir {out}")
-    saved = torch.load(out / CHECKPOINT, weights_only=True)
+    saved = artifacts.load_tensors(out / CHECKPOINT)
     if now is not None:
         _check_origin(saved, now)
     model.load_state_dict(saved["arrays"])
     restore_server_optimizer(strategy.inner, {name: {k: v.numpy() for k, v in values.items()}
                                               for name, values in saved["optimizer"].items()})
     if saved["clients"] and hasattr(grid, "restore"):
-        grid.restore(json.loads(saved["clients"]))
-    strategy.participation = {int(k): v for k, v in json.loads(saved.get("participation", "{}")).items()}
+        grid.restore(_json(saved["clients"], out / CHECKPOINT))
+    strategy.participation = {int(k): v for k, v in _json(saved.get("participation", "{}"), out / CHECKPOINT).items()}
     lines = (out / artifacts.METRICS).read_text().splitlines() if (out / artifacts.METRICS).exists() else []
-    kept = [line for line in lines if json.loads(line)["round"] <= saved["round"]]
+    kept = [line for line in lines if _json(line, out / artifacts.METRICS)["round"] <= saved["round"]]
     artifacts.replace_atomically(out / artifacts.METRICS, lambda tmp: tmp.write_text("".join(f"{k}\n" for k in kept)))
     return {"round": int(saved["round"]), "elapsed": float(saved["elapsed"]),
-            "epsilons": {int(k): v for k, v in json.loads(saved["epsilons"]).items()},
+            "epsilons": {int(k): v for k, v in _json(saved["epsilons"], out / CHECKPOINT).items()},
             "arrays": ArrayRecord(model.state_dict())}
 
 
@@ -94,9 +94,17 @@ def _check_origin(saved: dict[str, Any], now: dict[str, Any]) -> None:
     if saved.get("data", now["data"]) != now["data"]:
         raise DataError(f"cannot resume: the input data changed since the run started (then {saved['data']}; "
                         f"now {now['data']}): resume with the data it started with, or start a new run")
-    then, settings = json.loads(saved.get("settings", "null")) or now["settings"], now["settings"]
+    then, settings = _json(saved.get("settings", "null"), Path(CHECKPOINT)) or now["settings"], now["settings"]
     changed = [f"{k}: {then.get(k)!r} -> {settings.get(k)!r}"
                for k in sorted(set(then) | set(settings)) if then.get(k) != settings.get(k)]
     if changed:
         raise DataError(f"cannot resume: {artifacts.CONFIG} differs from the settings the run started with "
                         f"({', '.join(changed[:3])}): restore it, or start a new run")
+
+
+def _json(text: str, source: Path) -> Any:
+    """A JSON record of the run; a corrupt one ends the resume with one line, not a traceback."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"cannot resume: {source} holds corrupt JSON ({e}): the run cannot continue") from None

@@ -13,7 +13,7 @@ import numpy as np
 from common.config import Config, ConfigError
 from common.dataset import window_counts
 from common.federation import Federation
-from common.privacy import check_fixed_noise
+from common.privacy import check_plan
 from server.central_dp import sampled_per_round
 
 
@@ -34,4 +34,4 @@ def check(cfg: Config, fed: Federation, clients: int) -> None:
     if cfg.dp:
         counts = window_counts(fed.data.sequences, cfg.max_len)
         windows = {int(np.sum(counts[users])) for users in fed.clients}
-        check_fixed_noise(cfg, [(w, cfg.num_server_rounds * cfg.local_epochs) for w in windows])
+        check_plan(cfg, [(w, cfg.num_server_rounds * cfg.local_epochs) for w in windows])

@@ -165,9 +165,7 @@ def _round_line(r: dict[str, Any], rounds: int, elapsed: float) -> str:
 
 
 def _start_output(out: Path, cfg: Config) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise artifacts.OutputExistsError(
-            f"--out {out} already exists and is not empty: choose a new folder, or --resume it")
+    artifacts.check_output_folder(out, hint="choose a new folder, or --resume it")
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(out / artifacts.CONFIG, cfg.to_run_config())
 

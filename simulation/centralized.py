@@ -20,7 +20,7 @@ from common.config import Config
 from common.dataset import SequenceData, eval_examples, load_dataset, popularity, training_windows
 from common.metrics import evaluate_model, evaluate_popularity
 from common.model import build_model
-from common.privacy import check_fixed_noise, noise_multiplier_for
+from common.privacy import check_plan, noise_multiplier_for
 from simulation.allocator import keep_freed_memory
 
 
@@ -28,6 +28,7 @@ def train_centralized(
     cfg: Config, out: Path, on_epoch: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
     """Train, write config.json, metrics.jsonl, summary.json, model.pt and items.json to `out`."""
+    artifacts.check_output_folder(out)  # before the training it would otherwise throw away
     keep_freed_memory()  # as the in-process engine does, so the two compare like for like
     data = load_dataset(cfg)
     windows = training_windows(data.sequences, cfg.max_len)
@@ -35,7 +36,7 @@ def train_centralized(
     test = eval_examples(data.sequences, "test", cfg.max_len)
     torch.manual_seed(cfg.seed)  # the initial weights too: PyTorch seeds each process at random
     model = build_model(cfg, data.num_items)
-    check_fixed_noise(cfg, [(len(windows), cfg.epochs)])
+    check_plan(cfg, [(len(windows), cfg.epochs)])
     sigma = noise_multiplier_for(cfg, len(windows), cfg.epochs) if cfg.dp else None
 
     with artifacts.staged_output(out) as stage:

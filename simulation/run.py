@@ -26,6 +26,8 @@ def simulate(cfg: Config, *, quiet: bool = False, cohort_size: int = COHORT_SIZE
     `cohort_size`: train messages whose local training runs as one batch (1: one at a time)."""
     if not cfg.out_dir:
         raise artifacts.OutputExistsError("a simulation needs an output folder (--out)")
+    if not cfg.resume:  # before the data is loaded: the ServerApp would find out only when it writes
+        artifacts.check_output_folder(Path(cfg.out_dir), hint="choose a new folder, or --resume it")
     logging.getLogger("flwr").setLevel(logging.WARNING)  # fedrec prints its own line per round
     show_progress(not quiet)
     clients = len(federation(cfg).clients)

@@ -15,7 +15,7 @@ def rows(loaded) -> list[tuple]:
     """(user, item, rating, timestamp, line) tuples, NaN ratings as None, for exact comparison."""
     f = loaded.frame
     return [(u, i, None if np.isnan(r) else r, t, n)
-            for u, i, r, t, n in zip(f.user, f.item, f.rating, f.timestamp, f.line)]
+            for u, i, r, t, n in zip(f.user, f.item, f.rating, f.timestamp, f.line, strict=True)]
 
 
 def test_ml100k_reads_fields_and_drops_malformed_lines(write):
@@ -170,3 +170,37 @@ def test_error_messages_are_one_line(write):
         with pytest.raises(DataError) as error:
             read_interactions(fmt, write("f.txt", text))
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("fmt", ["seq", "inter"])
+@pytest.mark.parametrize("name, text, right", [
+    ("u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t377\t1\t878887116\n", "ml-100k"),
+    ("ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n", "ml-1m"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,4.5,964981247\n", "ml-latest"),
+])
+def test_ratings_file_given_as_a_sequence_format_names_the_right_one(write, fmt, name, text, right):
+    with pytest.raises(DataError) as error:
+        read_interactions(fmt, write(name, text))
+    message = str(error.value)
+    assert "\n" not in message and f"--data-format {right}" in message and f"not {fmt}" in message
+
+
+def test_sequences_that_only_resemble_ratings_are_read(write):
+    # Space-separated (not a ratings separator), and on tabs a "rating" of 30: both are sequences.
+    loaded = read_interactions("seq", write("s.txt", "1 5 3 881250949\n2 7 30 891717742\n3 4 2 5 6\n"))
+    assert len(loaded.frame) == 10
+    tabbed = read_interactions("seq", write("t.txt", "1\t5\t3\t881250949\n2\t7\t30\t891717742\n"))
+    assert len(tabbed.frame) == 6  # item 30 is no rating: this is a sequence file
+
+
+@pytest.mark.parametrize("fmt, text", [("seq", "u1 1 2 3\nu2 1 {big} 3\n"), ("inter", "u1 1\nu1 {big}\n"),
+                                       ("ml-100k", "1\t{big}\t3\t881250949\n")])
+def test_huge_id_is_refused_before_numpy_sizes_every_id_by_it(write, fmt, text):
+    big = "7" * 2_000_000  # as a fixed-width numpy string, every id would take 8 MB
+    with pytest.raises(DataError, match=r"^\S+: line \d: item id of 2,000,000 characters \(ids have at most 1,024\)"):
+        read_interactions(fmt, write("data.txt", text.format(big=big)))
+
+
+def test_long_titles_are_cut(write):
+    titles = read_titles("ml-100k", write("u.item", f"1|{'T' * 5000}|01-Jan-1995\n"))
+    assert len(titles["1"]) == 1024

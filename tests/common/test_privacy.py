@@ -119,6 +119,13 @@ def test_impossible_values_are_refused_even_with_a_valid_checksum(body):
         Ledger.from_json(json.dumps({"history": body, "sha256": digest(body)}))
 
 
+@pytest.mark.parametrize("body", [[[1.0, 0.01, 10**12]], [[1.0, 0.01, 600_000], [1.0, 0.01, 400_001]]])
+def test_absurd_step_counts_are_refused_before_any_accountant_runs(body):
+    # 10^12 steps made numpy ask for 226 GiB; the bound is on the sum over all entries.
+    with pytest.raises(DataError, match=r"^privacy ledger holds 1,000,00[\d,]+ DP steps, more than any run takes"):
+        Ledger.from_json(json.dumps({"history": body, "sha256": digest(body)}))
+
+
 @pytest.mark.parametrize("text", ["", "not json", "{}", '{"history": [[1, 2]], "sha256": "x"}', "[]"])
 def test_unreadable_ledger_raises_data_error(text):
     with pytest.raises(DataError):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +49,8 @@ def test_train_then_recommend(monkeypatch, capsys, tmp_path):
     assert "item_embedding.weight" in state and state["item_embedding.weight"].shape[0] == 41
     assert not list(tmp_path.glob(".run.partial-*"))
 
-    code, stdout, _ = run(monkeypatch, capsys, "recommend", "--model", str(out), "--history", "3,7,12", "-k", "5", "--explain")
+    code, stdout, _ = run(monkeypatch, capsys, "recommend", "--model", str(out), "--history", "3,7,12", "-k", "5",
+                          "--explain")
     assert code == 0 and "attention over the history" in stdout
     top, explained = stdout.split("attention over the history")
     ranks = [line for line in top.splitlines() if line.startswith("│ ") and line.split("│")[1].strip().isdigit()]
@@ -56,7 +61,8 @@ def test_train_then_recommend(monkeypatch, capsys, tmp_path):
     code, stdout_export, _ = run(monkeypatch, capsys, "export", "--model", str(out))
     assert code == 0 and "ms per recommendation" in stdout_export
     exported = out / "model.none.torchscript.pt"
-    code, stdout2, _ = run(monkeypatch, capsys, "recommend", "--model", str(exported), "--history", "3,7,12", "-k", "5", "--explain")
+    code, stdout2, _ = run(monkeypatch, capsys, "recommend", "--model", str(exported), "--history", "3,7,12", "-k",
+                           "5", "--explain")
     assert code == 0 and stdout2.split("attention over the history")[0] == top
     code, _, err = run(monkeypatch, capsys, "export", "--model", str(out))
     assert code == 2 and "already exists" in err
@@ -110,8 +116,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(monkeypatch, capsys, tmp_pa
     out = tmp_path / "out"
     args = {
         "missing": ["--dataset", "ml-100k", "--data-dir", str(tmp_path / "nowhere")],
-        "delimiter": ["--dataset", "ml-100k", "--data-dir", str(_u_data(tmp_path / "delimiter", "1,2,5,100\n2,3,4,101\n"))],
-        "non-numeric": ["--dataset", "ml-100k", "--data-dir", str(_u_data(tmp_path / "non-numeric", "a\tb\t5\t100\nc\td\t4\t101\n"))],
+        "delimiter": ["--dataset", "ml-100k", "--data-dir", str(_u_data(tmp_path / "delimiter",
+                                                                        "1,2,5,100\n2,3,4,101\n"))],
+        "non-numeric": ["--dataset", "ml-100k", "--data-dir", str(_u_data(tmp_path / "non-numeric",
+                                                                          "a\tb\t5\t100\nc\td\t4\t101\n"))],
         "empty": ["--dataset", "ml-100k", "--data-dir", str(_u_data(tmp_path / "empty", ""))],
         "column": ["--dataset", "csv", "--data-dir", str(_write(tmp_path / "x.csv", "user,thing\n1,2\n"))],
         "max-len": ["--max-len", "-3"],
@@ -135,7 +143,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(monkeypatch, capsys, tmp_pa
         (["server", "--certfile", "a", "--keyfile", "b", "--ca-certfile", "c"], "a not found"),
         (["client", "--superlink", "h:1", "--data", "d.txt"], "TLS needs --root-certificates"),
         (["client", "--superlink", "h:1", "--data", "nowhere.txt", "--insecure"], "not found"),
-        (["run", "--superlink", "h:1", "--insecure", "--run-config", "local-epochs=0"], "local-epochs must be positive"),
+        (["run", "--superlink", "h:1", "--insecure", "--run-config", "local-epochs=0"],
+         "local-epochs must be positive"),
         (["nodes", "list", "--superlink", "h:1", "--root-certificates", "ca.crt"], "ca.crt not found"),
         (["export", "--model", ".", "--quantize", "int4"], "--quantize must be one of"),
         (["recommend", "--model", "README.md", "--history", "1"], "is not a fedrec export"),
@@ -143,10 +152,12 @@ def test_bad_input_gives_one_line_and_writes_nothing(monkeypatch, capsys, tmp_pa
         (["privacy"], "give --run DIR or --ledger FILE"),
         (["run", "--superlink", "h:1", "--insecure", "--out", "runs/x"], "must be an absolute path on the server"),
         (["privacy", "--run", "."], "privacy.json not found"),
-        (["simulate", "--central-dp", "--server-strategy", "fedadam", "--out", "x"], "central-dp needs server-strategy = fedavg"),
+        (["simulate", "--central-dp", "--server-strategy", "fedadam", "--out", "x"],
+         "central-dp needs server-strategy = fedavg"),
         (["simulate", "--attack", "flood", "--out", "x"], "attack must be one of"),
         (["simulate", "--attack", "target", "--out", "x"], "attack = target needs target-item"),
-        (["simulate", "--aggregation", "krum", "--secagg", "--out", "x"], "aggregation = krum needs server-strategy = fedavg"),
+        (["simulate", "--aggregation", "krum", "--secagg", "--out", "x"],
+         "aggregation = krum needs server-strategy = fedavg"),
         (["simulate", "--attack", "target", "--target-item", "nope", "--out", "x"], "item 'nope' is not an item"),
     ],
 )
@@ -179,3 +190,136 @@ def test_resume_refuses_settings_it_would_ignore(monkeypatch, capsys, tmp_path):
     assert err.strip() == ("error: --resume continues the run with the settings it started with: "
                            "drop --target-epsilon, --rounds")
     assert not any(tmp_path.iterdir())
+
+
+def _one_error_line(code: int, err: str, expected: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+def _hidden(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".*") if "cache" not in p.parts]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--seed", "-1"], "seed must be an integer from 0 to 4294967295, got -1"),
+    (["--seed", "18446744073709551616"], "seed must be an integer from 0 to 4294967295"),
+    (["--lr", "inf"], "lr must be a finite number, got inf"),
+    (["--max-grad-norm", "inf"], "max-grad-norm must be a finite number, got inf"),
+    (["--noise-multiplier", "inf"], "noise-multiplier must be a finite number, got inf"),
+    (["--max-len", "1099511627776"], "max-len must be at most 100,000"),
+    (["--embedding-dim", "2147483648"], "embedding-dim must be at most 65,536"),
+])
+@pytest.mark.parametrize("command", ["train", "simulate"])
+def test_out_of_range_settings_give_one_line(monkeypatch, capsys, tmp_path, command, args, expected):
+    code, _, err = run(monkeypatch, capsys, command, "--out", str(tmp_path / "out"), *args)
+    _one_error_line(code, err, expected)
+    assert not (tmp_path / "out").exists() and not _hidden(tmp_path)
+
+
+def _read_only(folder: Path, monkeypatch) -> Path:
+    """A folder this process cannot write to. Root writes anywhere, so for root `os.access` answers
+    as the kernel answers any other user (the refusal and its clean-up are still the real code's)."""
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (Path(path) == folder and mode & os.W_OK)
+                            and access(path, mode, **kw))
+    return folder
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("file", "is a file: give a folder"),
+    ("under-file", "is a file, not a folder"),
+    ("read-only", "is not writable: choose a folder you can write to"),
+    ("under-read-only", "is not writable"),
+])
+@pytest.mark.parametrize("command", ["train", "simulate"])
+def test_unusable_out_is_refused_before_any_work(monkeypatch, capsys, tmp_path, command, case, expected):
+    (tmp_path / "file").write_text("not a folder")
+    out = {"file": tmp_path / "file", "under-file": tmp_path / "file" / "run",
+           "read-only": tmp_path / "ro", "under-read-only": tmp_path / "ro" / "run"}[case]
+    if "read-only" in case:
+        _read_only(tmp_path / "ro", monkeypatch)
+    started = []  # no work may start: neither train's data loading nor the simulation's federation
+    monkeypatch.setattr("simulation.centralized.load_dataset", lambda cfg: started.append(cfg))
+    monkeypatch.setattr("simulation.run.federation", lambda cfg: started.append(cfg))
+    code, _, err = run(monkeypatch, capsys, command, "--out", str(out), *FAST[2:])
+    _one_error_line(code, err, expected)
+    assert not started and not _hidden(tmp_path) and (tmp_path / "file").read_text() == "not a folder"
+    assert not (tmp_path / "ro").exists() or not list((tmp_path / "ro").iterdir())
+
+
+def test_sigterm_stops_train_like_ctrl_c(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedrec", "train", "--out", str(out), "--epochs", "1000", "--no-dp",
+               "--max-len", "10", "--embedding-dim", "8", "--hidden-dim", "8", "--quiet"]
+    job = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".run.partial-*")) and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".run.partial-*")), "training never started"
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines() == ["error: stopped by SIGTERM (kill), leaving nothing half-written: run the "
+                                        "command again (or `fedrec simulate --resume` the simulation's folder)"]
+    assert not out.exists() and not _hidden(tmp_path)
+
+
+def test_corrupt_run_files_give_one_line(monkeypatch, capsys, tmp_path):
+    tiny_config(monkeypatch)
+    run_dir = tmp_path / "run"
+    assert run(monkeypatch, capsys, "train", "--out", str(run_dir), *FAST, "--no-dp")[0] == 0
+    intact = {name: (run_dir / name).read_bytes() for name in ("config.json", "items.json", "model.pt")}
+    for name, cut, expected in [("items.json", 100, "items.json is not valid JSON (truncated or corrupt?)"),
+                                ("config.json", 40, "config.json is not valid JSON (truncated or corrupt?)"),
+                                ("model.pt", 1000, "model.pt is truncated or not a fedrec file"),
+                                ("model.pt", 0, "model.pt is truncated or not a fedrec file (EOFError)")]:
+        (run_dir / name).write_bytes(intact[name][:cut])
+        code, _, err = run(monkeypatch, capsys, "recommend", "--model", str(run_dir), "--history", "3,7")
+        _one_error_line(code, err, expected)
+        (run_dir / name).write_bytes(intact[name])
+
+    code, _, err = run(monkeypatch, capsys, "export", "--model", str(run_dir), "--out", str(tmp_path / "no" / "m.pt"))
+    _one_error_line(code, err, f"folder {tmp_path / 'no'} does not exist: create it")
+    assert not (tmp_path / "no").exists()
+    assert run(monkeypatch, capsys, "export", "--model", str(run_dir))[0] == 0
+    exported = run_dir / "model.none.torchscript.pt"
+    code, _, err = run(monkeypatch, capsys, "export", "--model", str(exported), "--out", str(tmp_path / "again.pt"))
+    _one_error_line(code, err, f"--model {exported} is a file: give the --out folder of a finished run")
+    exported.write_bytes(b"")
+    code, _, err = run(monkeypatch, capsys, "recommend", "--model", str(exported), "--history", "3,7")
+    _one_error_line(code, err, "is not a fedrec export: ")
+    assert not _hidden(tmp_path)
+
+
+def test_resume_of_corrupt_checkpoint_or_config_gives_one_line(monkeypatch, capsys, tmp_path):
+    tiny_config(monkeypatch)
+    run_dir = tmp_path / "sim"
+    args = ["simulate", "--out", str(run_dir), "--partition", "iid", "--num-clients", "2", "--fraction-train", "1",
+            "--rounds", "1", "--no-dp", *FAST[2:]]
+    assert run(monkeypatch, capsys, *args, "--quiet")[0] == 0
+    for name, cut, expected in [("checkpoint.pt", 0, "checkpoint.pt is truncated or not a fedrec file (EOFError)"),
+                                ("checkpoint.pt", 2000, "checkpoint.pt is truncated or not a fedrec file"),
+                                ("config.json", 40, "config.json is not valid JSON (truncated or corrupt?)")]:
+        intact = (run_dir / name).read_bytes()
+        (run_dir / name).write_bytes(intact[:cut])
+        metrics = (run_dir / "metrics.jsonl").read_text()
+        code, _, err = run(monkeypatch, capsys, "simulate", "--resume", str(run_dir))
+        _one_error_line(code, err, expected)
+        assert (run_dir / "metrics.jsonl").read_text() == metrics  # refused before anything changed
+        (run_dir / name).write_bytes(intact)
+    assert not _hidden(tmp_path)
+
+
+def test_crafted_ledger_with_absurd_steps_fails_in_one_line(monkeypatch, capsys, tmp_path):
+    from common.privacy import Ledger
+
+    path = tmp_path / "privacy-ledger.json"
+    path.write_text(Ledger(((1.0, 0.01, 10**12),)).to_json())
+    code, _, err = run(monkeypatch, capsys, "privacy", "--ledger", str(path))
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "holds 1,000,000,000,000 DP steps, more than any run takes" in lines[0]

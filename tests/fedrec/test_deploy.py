@@ -29,7 +29,8 @@ def _fedrec(*args: str, env: dict[str, str], log: Path, timeout: float = 60) -> 
     """Exit status and output. Output goes to a file, not a pipe: a SuperNode's children may
     outlive it holding a pipe open, and reading one to its end would then never finish."""
     with open(log, "w") as f:
-        status = subprocess.run([*FEDREC, *args], env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        status = subprocess.run([*FEDREC, *args], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
     return status, log.read_text(errors="replace")
 
 
@@ -79,7 +80,8 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(tmp_path: Path) -> No
 
         status, output = _fedrec("run", "--superlink", address, *tls, "--dataset", "seq", "--data-dir",
                                  str(data / "server.txt"), "--out", str(out), "--rounds", "2", "--run-config", TRAINING,
-                                 env=env, log=tmp_path / "run.log", timeout=300)  # a bound against hangs: each message starts a process (issue 17)
+                                 # a bound against hangs: each message starts a process (issue 17)
+                                 env=env, log=tmp_path / "run.log", timeout=300)
         assert status == 0, output[-3000:]
     finally:
         for process in processes:
@@ -117,3 +119,53 @@ def test_run_exits_non_zero_when_the_run_fails(tmp_path: Path) -> None:
         fc.stop_pids(_alive_under(tmp_path))
     assert status == 1
     assert "finished:failed" in output
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Exit status and stderr of `fedrec ARGS` run in this process (for errors raised before Flower starts)."""
+    from fedrec.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fedrec", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("run_config, message", [
+    ("target-epsilom=1", "error: unknown setting 'target-epsilom': did you mean 'target-epsilon'?"),
+    ("local-epochs=1 foo", "error: --run-config: 'foo' is not key=value: write e.g. 'local-epochs=1 dp=true'"),
+    ("x=[", "error: --run-config: The provided configuration string is in an invalid format."),
+    ("missing.toml", "error: missing.toml not found"),
+])
+def test_run_refuses_bad_run_config_before_contacting_flower(monkeypatch, capsys, run_config, message) -> None:
+    code, err = _main(monkeypatch, capsys, "run", "--superlink", "127.0.0.1:1", "--insecure", "--out", "/tmp/o",
+                      "--data-dir", "/tmp/d", "--run-config", run_config)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(message), err
+
+
+@pytest.mark.parametrize("pem", ["garbage\n", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"])
+def test_client_refuses_garbage_root_certificates_before_starting(monkeypatch, capsys, tmp_path, pem) -> None:
+    (tmp_path / "ca.crt").write_text(pem)
+    (tmp_path / "data.txt").write_text("u1 1 2 3 4\nu2 2 3 4 5\n")
+    code, err = _main(monkeypatch, capsys, "client", "--superlink", "127.0.0.1:1", "--data", str(tmp_path / "data.txt"),
+                      "--root-certificates", str(tmp_path / "ca.crt"), "--state-dir", str(tmp_path / "state"))
+    assert code == 2 and err.strip() == (f"error: --root-certificates {tmp_path / 'ca.crt'} holds no valid PEM "
+                                         "certificate: give the CA certificate that signed the server's, e.g. ca.crt "
+                                         "from `fedrec certs`")
+    assert not (tmp_path / "state").exists()  # refused before the SuperNode's files were written
+
+
+def test_client_refuses_a_ratings_file_as_seq(monkeypatch, capsys, tmp_path) -> None:
+    (tmp_path / "u.data").write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t377\t1\t878887116\n")
+    code, err = _main(monkeypatch, capsys, "client", "--superlink", "127.0.0.1:1", "--insecure",
+                      "--data", str(tmp_path / "u.data"), "--state-dir", str(tmp_path / "state"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--data-format ml-100k" in err, err
+    assert not (tmp_path / "state").exists()
+
+
+def test_real_certificates_pass_the_check(tmp_path) -> None:
+    from server import certs
+
+    certs.create(tmp_path, ["localhost"], 0)
+    certs.check_certificates(tmp_path / "ca.crt", "--root-certificates")
+    certs.check_certificates(tmp_path / "server.crt", "--certfile")

@@ -104,3 +104,11 @@ def test_resume_refuses_changed_input_data(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=changed):
         simulate(Config.from_run_config({**settings, "lr": 0.5, "resume": True}), quiet=True)
     assert simulate(Config.from_run_config({**settings, "resume": True}), quiet=True)["setting"]["rounds"] == 2
+
+
+def test_a_plan_of_more_dp_steps_than_fedrec_accounts_is_refused(tmp_path):
+    """PRV's cost grows with the steps: a plan past MAX_STEPS would seem to hang in the accountant."""
+    out = tmp_path / "central"
+    with pytest.raises(ConfigError, match="more than fedrec accounts"):
+        train_centralized(Config.from_run_config({**SMALL, "dp": True, "batch-size": 1, "epochs": 10**5}), out)
+    assert not out.exists()
