@@ -323,3 +323,18 @@ def test_crafted_ledger_with_absurd_steps_fails_in_one_line(monkeypatch, capsys,
     code, _, err = run(monkeypatch, capsys, "privacy", "--ledger", str(path))
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "holds 1,000,000,000,000 DP steps, more than any run takes" in lines[0]
+
+
+def test_a_folder_no_one_can_write_is_refused_whatever_its_permission_bits(monkeypatch, capsys):
+    """The kernel's /sys refuses new files even to root, whose permission checks always pass: the
+    probe write catches what `os.access` misses (read-only mounts too)."""
+    import tempfile
+
+    try:
+        tempfile.TemporaryFile(dir="/sys").close()
+        pytest.skip("/sys is writable here")
+    except OSError:
+        pass
+    for command in ("train", "simulate"):
+        code, _, err = run(monkeypatch, capsys, command, "--out", "/sys/fedrec-run", *FAST[2:])
+        _one_error_line(code, err, "/sys is not writable")
