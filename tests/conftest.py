@@ -35,3 +35,28 @@ def shared_data() -> Callable[[str], Path]:
         return path
 
     return get
+
+
+@pytest.fixture
+def interrupted_run(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """`interrupted_run(cfg, after)`: a simulation that loses power right after it checkpointed
+    round `after`, leaving what a kill -9 would leave for `--resume`."""
+    from server import checkpoint
+    from simulation.run import simulate
+
+    original = checkpoint.save
+
+    def run(cfg: object, after: int) -> None:
+        def crash(out: Path, done: int, *args: object, **kwargs: object) -> None:
+            original(out, done, *args, **kwargs)
+            if done == after:
+                raise KeyboardInterrupt("power cut")
+
+        monkeypatch.setattr(checkpoint, "save", crash)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                simulate(cfg, quiet=True)
+        finally:
+            monkeypatch.setattr(checkpoint, "save", original)
+
+    return run

@@ -76,23 +76,11 @@ def test_a_run_in_which_no_round_aggregates_ends_with_an_error(tmp_path):
     assert [r["rejected"] for r in rounds[1:]] == [2, 2]
 
 
-def test_resume_refuses_changed_input_data(tmp_path, monkeypatch):
-    from server import checkpoint
-
+def test_resume_refuses_changed_input_data(tmp_path, interrupted_run):
     data = _seq_file(tmp_path / "data.txt", users=30)
     out = tmp_path / "run"
     settings = {**SMALL, "dataset": "seq", "data-dir": str(data), "out-dir": str(out)}
-    original = checkpoint.save
-
-    def crash_after_round_one(out, done, *args, **kwargs):
-        original(out, done, *args, **kwargs)
-        if done == 1:
-            raise KeyboardInterrupt("power cut")
-
-    monkeypatch.setattr(checkpoint, "save", crash_after_round_one)
-    with pytest.raises(KeyboardInterrupt):
-        simulate(Config.from_run_config(settings), quiet=True)
-    monkeypatch.setattr(checkpoint, "save", original)
+    interrupted_run(Config.from_run_config(settings), after=1)
     _seq_file(data, users=25)
     metrics = (out / "metrics.jsonl").read_text()
     with pytest.raises(DataError, match=r"input data changed since the run started \(then 30 users.*now 25 users"):

@@ -138,24 +138,14 @@ def test_report_catches_missing_evidence(both_dp_run, tmp_path):
         audit_run(run)
 
 
-def test_report_catches_a_ledger_reset_in_the_checkpoint(tmp_path, monkeypatch):
+def test_report_catches_a_ledger_reset_in_the_checkpoint(tmp_path, interrupted_run):
     """A client's ledger deleted from checkpoint.pt before --resume restarts it at ε = 0: the
     resumed run finishes, and the audit, reading the server's record, fails that client."""
     from server import checkpoint
 
     settings = {**SMALL, "dp": True, "target-epsilon": 6.0, "num-server-rounds": 2, "min-train-nodes": 1}
     out = tmp_path / "cut"
-    original = checkpoint.save
-
-    def crash_after_round_one(out, done, *args, **kwargs):
-        original(out, done, *args, **kwargs)
-        if done == 1:
-            raise KeyboardInterrupt("power cut")
-
-    monkeypatch.setattr(checkpoint, "save", crash_after_round_one)
-    with pytest.raises(KeyboardInterrupt):
-        simulate(Config.from_run_config({**settings, "out-dir": str(out)}), quiet=True)
-    monkeypatch.setattr(checkpoint, "save", original)
+    interrupted_run(Config.from_run_config({**settings, "out-dir": str(out)}), after=1)
     saved = torch.load(out / checkpoint.CHECKPOINT, weights_only=True)
     clients = json.loads(saved["clients"])
     victim = sorted(node for node, records in clients.items() if "privacy-ledger" in records)[0]

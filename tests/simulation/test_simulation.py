@@ -50,27 +50,15 @@ def test_dp_run_reports_cumulative_epsilon(tmp_path):
     assert summary["dp"]["clients_accounted"] == 4 and "window" in summary["dp"]["unit"]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    from server import checkpoint
-
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, interrupted_run):
     settings = {**SMALL, "dp": True, "target-epsilon": 8.0, "local-epochs": 1, "num-server-rounds": 4,
                 "fraction-train": 0.5, "min-train-nodes": 1}
     whole = tmp_path / "whole"
     simulate(Config.from_run_config({**settings, "out-dir": str(whole)}), quiet=True)
 
     cut = tmp_path / "cut"
-    original = checkpoint.save
-
-    def crash_after_round_two(out, done, *args, **kwargs):
-        original(out, done, *args, **kwargs)
-        if done == 2:
-            raise KeyboardInterrupt("power cut")
-
-    monkeypatch.setattr(checkpoint, "save", crash_after_round_two)
-    with pytest.raises(KeyboardInterrupt):
-        simulate(Config.from_run_config({**settings, "out-dir": str(cut)}), quiet=True)
+    interrupted_run(Config.from_run_config({**settings, "out-dir": str(cut)}), after=2)
     assert not (cut / "summary.json").exists()
-    monkeypatch.setattr(checkpoint, "save", original)
     simulate(Config.from_run_config({**settings, "out-dir": str(cut), "resume": True}), quiet=True)
 
     a, b = (torch.load(d / "model.pt", weights_only=True) for d in (whole, cut))
