@@ -131,8 +131,6 @@ class Config:
         _check(self.central_clip > 0, f"central-clip must be positive, got {self.central_clip}")
         _check(self.central_noise_multiplier >= 0,
                f"central-noise-multiplier must be >= 0, got {self.central_noise_multiplier}")
-        _check(not self.central_dp or self.server_strategy == "fedavg",
-               "central-dp needs server-strategy = fedavg (its noise is calibrated to a uniform average)")
         _check(not self.central_dp or self.central_noise_multiplier > 0 or self.central_target_epsilon > 0,
                "with central-dp on, set central-target-epsilon > 0 or central-noise-multiplier > 0")
         _check(self.secagg_num_shares > 2, f"secagg-num-shares must be > 2, got {self.secagg_num_shares}")

@@ -11,13 +11,21 @@ round is a subsampled Gaussian mechanism over clients, sampled m of N, accounted
 accountant as Poisson sampling at q = m/N (the usual approximation of fixed-size sampling).
 Every round counts, aggregated or not, so ε is never under-stated.
 
+A server optimizer (`server-strategy = fedadam`) steps on the noised average, after the noise:
+post-processing, so the guarantee is unchanged (`NoisedFedAdam`).
+
 What it protects: all of one client's data (for one user per client: one user) against
 everyone who sees the released models, assuming the server adds the noise honestly.
 """
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, Strategy
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.config import Config
@@ -49,6 +57,36 @@ def noise_multiplier(cfg: Config, num_clients: int) -> float:
 def wrap(strategy: Strategy, cfg: Config, num_clients: int) -> Strategy:
     return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier(cfg, num_clients), cfg.central_clip,
                                                       sampled_per_round(cfg, num_clients))
+
+
+class _NoisedAverage(FedAvg):
+    """FedAvg whose average is the central-DP wrapper's: the clipped updates' mean with the noise
+    already on it. Mixed in under a Flower server optimizer, that optimizer steps on the noised
+    average, which is post-processing and keeps the guarantee. Flower's wrapper around the
+    optimizer instead would add its noise after the step, to a quantity whose sensitivity is no
+    longer C/m (Adam divides by its second moment)."""
+
+    dp: Strategy  # DifferentialPrivacyClientSideFixedClipping over a plain FedAvg
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.dp.configure_train(server_round, arrays, config, grid)  # sends the clipping norm
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.dp.aggregate_train(server_round, replies)
+
+
+class NoisedFedAdam(FedAdam, _NoisedAverage):
+    """Flower's FedAdam stepping on the central-DP noised average (its `super()` average, by the
+    method order FedAdam → FedOpt → _NoisedAverage → FedAvg)."""
+
+
+def with_server_adam(cfg: Config, num_clients: int, **common: Any) -> Strategy:
+    """FedAdam (η = `server-lr`) after central DP's noise: the server optimizer of user-level DP-FedAvg."""
+    strategy = NoisedFedAdam(eta=cfg.server_lr, **common)
+    strategy.dp = wrap(FedAvg(**common), cfg, num_clients)
+    return strategy
 
 
 def ledger(cfg: Config, num_clients: int, rounds: int) -> Ledger:

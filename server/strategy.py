@@ -59,6 +59,8 @@ def make_strategy(cfg: Config, num_clients: int) -> Strategy:
         inner = MultiKrum(num_malicious_nodes=byzantine, num_nodes_to_select=sampled - byzantine, **common)
     elif cfg.aggregation == "bulyan":
         inner = Bulyan(num_malicious_nodes=byzantine, **common)
+    elif cfg.server_strategy == "fedadam" and cfg.central_dp:
+        return central_dp.with_server_adam(cfg, num_clients, **common)  # Adam after the noise, not before
     elif cfg.server_strategy == "fedadam":
         inner = FedAdam(eta=cfg.server_lr, **common)
     else:

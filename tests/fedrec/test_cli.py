@@ -152,8 +152,6 @@ def test_bad_input_gives_one_line_and_writes_nothing(monkeypatch, capsys, tmp_pa
         (["privacy"], "give --run DIR or --ledger FILE"),
         (["run", "--superlink", "h:1", "--insecure", "--out", "runs/x"], "must be an absolute path on the server"),
         (["privacy", "--run", "."], "privacy.json not found"),
-        (["simulate", "--central-dp", "--server-strategy", "fedadam", "--out", "x"],
-         "central-dp needs server-strategy = fedavg"),
         (["simulate", "--attack", "flood", "--out", "x"], "attack must be one of"),
         (["simulate", "--attack", "target", "--out", "x"], "attack = target needs target-item"),
         (["simulate", "--aggregation", "krum", "--secagg", "--out", "x"],

@@ -255,6 +255,11 @@ def test_make_strategy_follows_the_config():
     assert isinstance(central, DifferentialPrivacyClientSideFixedClipping)
     assert (central.clipping_norm, central.noise_multiplier, central.num_sampled_clients) == (0.5, 1.2, 6)
     assert central.strategy.weighted_by_key == "unit-weight"  # a uniform average: what the noise is calibrated to
+    adam_after_noise = make_strategy(Config.from_run_config({"central-dp": True, "server-strategy": "fedadam",
+                                                             "central-noise-multiplier": 1.2}), 20)
+    assert isinstance(adam_after_noise, FedAdam)
+    assert isinstance(adam_after_noise.dp, DifferentialPrivacyClientSideFixedClipping)
+    assert adam_after_noise.dp.strategy.weighted_by_key == "unit-weight"
 
 
 def test_a_fixed_norm_bound_overrides_the_median_rule():
