@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from client import cohort
 from client.secagg import secure_aggregation_mod
@@ -61,8 +61,12 @@ def train_round(msg: Message, context: Context) -> Message:
                                epsilon=result.epsilon if cfg.dp else 0.0)
         return train_reply(msg, _arrays(result.weights, cfg, data.num_items), metrics)
 
-    # Central DP: Flower's mod clips the whole update on the device, before it is sent.
-    return fixedclipping_mod(msg, context, local_training) if cfg.central_dp else local_training(msg, context)
+    # Central DP: Flower's mod clips the whole update on the device, before it is sent (the adaptive
+    # one also reports whether it clipped, from which the server moves the norm).
+    if not cfg.central_dp:
+        return local_training(msg, context)
+    clip = adaptiveclipping_mod if cfg.central_clip_quantile > 0 else fixedclipping_mod
+    return clip(msg, context, local_training)
 
 
 @app.evaluate()

@@ -92,6 +92,8 @@ class Config:
     central_noise_multiplier: float
     central_target_epsilon: float
     central_clip: float
+    central_clip_quantile: float
+    central_clip_lr: float
     secagg: bool
     secagg_num_shares: int
     secagg_reconstruction_threshold: int
@@ -129,6 +131,9 @@ class Config:
         _check(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         _check(self.max_grad_norm > 0, f"max-grad-norm must be positive, got {self.max_grad_norm}")
         _check(self.central_clip > 0, f"central-clip must be positive, got {self.central_clip}")
+        _check(0 <= self.central_clip_quantile < 1,
+               f"central-clip-quantile must be in [0, 1) (0: fixed clipping), got {self.central_clip_quantile}")
+        _check(self.central_clip_lr > 0, f"central-clip-lr must be positive, got {self.central_clip_lr}")
         _check(self.central_noise_multiplier >= 0,
                f"central-noise-multiplier must be >= 0, got {self.central_noise_multiplier}")
         _check(not self.central_dp or self.central_noise_multiplier > 0 or self.central_target_epsilon > 0,

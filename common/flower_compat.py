@@ -3,14 +3,16 @@
 fedrec relies on a few pieces of flwr 1.42 that are not part of its public API: run and task
 bookkeeping the in-process grid must fill in as a SuperLink would, FedAdam's moments for
 checkpoints, the global `random` module Flower samples nodes with, a dtype quirk of FedAdam, the
-parser `flwr run` reads `--run-config` with, and SecAgg+, which 1.42 ships for its legacy API
-only. Each is a small named function or re-export here, and tests/common/test_flower_compat.py
+parser `flwr run` reads `--run-config` with, SecAgg+, which 1.42 ships for its legacy API
+only, and the norm update of its adaptive clipping, whose sign 1.42 has the wrong way round.
+Each is a small named function, subclass or re-export here, and tests/common/test_flower_compat.py
 pins every one, so a Flower upgrade that changes them fails there first rather than in a run.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -37,11 +39,12 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideAdaptiveClipping, Strategy
 from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.task_identity import TaskIdentity
 
 __all__ = [
+    "AdaptiveClipping",
     "MAIN_CONFIGS_RECORD",
     "MAIN_PARAMS_RECORD",
     "RECORD_KEY_CONFIGS",
@@ -191,3 +194,17 @@ def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
     buffer = BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
     return buffer.getvalue()
+
+
+class AdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping with the norm moving the right way (Andrew et al.,
+    2021: C <- C exp(-lr (unclipped fraction - target unclipped quantile))).
+
+    flwr 1.42 counts the clipped updates but keeps the paper's sign, `C exp(-lr (clipped - target))`:
+    a norm that clips too many updates shrinks and clips more, so it runs off to 0 or to infinity.
+    Here, with `target_clipped_quantile` the share of updates meant to be clipped, a round that
+    clipped more grows the norm and one that clipped fewer shrinks it. Everything else, the noised
+    count included (and so the accounting), is Flower's."""
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self.clipping_norm *= math.exp(self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))

@@ -66,6 +66,13 @@ class AttentionLSTM(nn.Module):
             self.head.weight = self.item_embedding.weight
             self.register_state_dict_post_hook(_drop_tied_head)
             self.register_load_state_dict_pre_hook(_fill_tied_head)
+        # DPLSTM's weights appear twice in a parent's state dict (`lstm.weight_ih_l0` and its
+        # layer's `lstm.l0.ih.weight`, one tensor). Each travels once, under the first name: two
+        # copies would be averaged and noised apart (central DP), and an update measured against
+        # the copy the model does not use would be clipped for noise it never trained on.
+        self.aliases = _aliases(self)
+        self.register_state_dict_post_hook(_drop_aliases)
+        self.register_load_state_dict_pre_hook(_fill_aliases)
 
     def forward(
         self,
@@ -155,6 +162,33 @@ def _fill_tied_head(module: nn.Module, state_dict: dict[str, torch.Tensor], pref
         raise DataError("head.weight differs from item_embedding.weight: these are the weights of a model with "
                         "an output layer of its own (tie-weights = false), not of this tied one")
     state_dict[prefix + "head.weight"] = embedding
+
+
+def _aliases(module: nn.Module) -> dict[str, str]:
+    """State-dict keys that name a tensor an earlier key already names: alias -> that first key."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[key] = first[id(tensor)]
+        else:
+            first[id(tensor)] = key
+    return aliases
+
+
+def _drop_aliases(module: AttentionLSTM, state_dict: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    for alias in module.aliases:
+        state_dict.pop(prefix + alias, None)
+
+
+def _fill_aliases(module: AttentionLSTM, state_dict: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    """Load a state dict that holds each tensor once, or an older one that held the aliases too:
+    then the alias's copy is the one the model ran with (it was loaded last), so it wins."""
+    for alias, first in module.aliases.items():
+        if prefix + alias in state_dict:
+            state_dict[prefix + first] = state_dict[prefix + alias]
+        elif prefix + first in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + first]
 
 
 def build_model(cfg: Config, num_items: int) -> AttentionLSTM:

@@ -28,7 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, Strategy
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.config import Config
+from common.config import Config, ConfigError
+from common.flower_compat import AdaptiveClipping
 from common.memo import cached
 from common.privacy import Ledger, quiet_opacus
 
@@ -55,8 +56,32 @@ def noise_multiplier(cfg: Config, num_clients: int) -> float:
 
 
 def wrap(strategy: Strategy, cfg: Config, num_clients: int) -> Strategy:
-    return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier(cfg, num_clients), cfg.central_clip,
-                                                      sampled_per_round(cfg, num_clients))
+    """Flower's client-side clipping wrapper, fixed or adaptive (`central-clip-quantile` > 0: the
+    norm tracks that quantile of the update norms, so that share of the updates passes unclipped).
+
+    The adaptive one (Andrew et al.) also releases a noised count of the clients that clipped.
+    Flower splits the given σ between that count (std `m / 20`) and the update so that the two
+    together are one Gaussian mechanism of noise multiplier σ: the ε accounted for σ holds."""
+    sigma, sampled = noise_multiplier(cfg, num_clients), sampled_per_round(cfg, num_clients)
+    if cfg.central_clip_quantile <= 0:
+        return DifferentialPrivacyClientSideFixedClipping(strategy, sigma, cfg.central_clip, sampled)
+    if sigma >= sampled / 10:  # Flower's bound: σ < 2 x the count's std, m / 20
+        raise ConfigError(f"adaptive clipping cannot reach central noise multiplier {sigma:.3g} with {sampled} clients "
+                          f"a round (it needs σ < clients / 10): sample more clients a round, or set "
+                          "central-clip-quantile = 0 for fixed clipping")
+    return AdaptiveClipping(strategy, sigma, sampled, initial_clipping_norm=cfg.central_clip,
+                            target_clipped_quantile=1 - cfg.central_clip_quantile, clip_norm_lr=cfg.central_clip_lr)
+
+
+def clipping_norm(strategy: Strategy) -> float | None:
+    """The adaptive clipping norm reached so far (it moves every round), for the checkpoint and
+    summary; None with fixed clipping or without central DP."""
+    dp = getattr(strategy, "dp", strategy)
+    return float(dp.clipping_norm) if isinstance(dp, AdaptiveClipping) else None
+
+
+def restore_clipping_norm(strategy: Strategy, norm: float) -> None:
+    getattr(strategy, "dp", strategy).clipping_norm = norm
 
 
 class _NoisedAverage(FedAvg):
@@ -100,6 +125,9 @@ def guarantee(cfg: Config, num_clients: int, rounds: int) -> dict:
     spent = ledger(cfg, num_clients, rounds)
     return {"enabled": True, "epsilon": spent.epsilon(cfg.delta), "delta": cfg.delta,
             "noise_multiplier": noise_multiplier(cfg, num_clients), "clipping_norm": cfg.central_clip,
+            "clipping": (f"adaptive: from {cfg.central_clip:g} towards the {cfg.central_clip_quantile:g} quantile "
+                         f"of the update norms, learning rate {cfg.central_clip_lr:g}"
+                         if cfg.central_clip_quantile > 0 else "fixed"),
             "sample_rate": spent.history[0][1] if spent.history else None, "rounds": rounds,
             "history": [list(h) for h in spent.history], "accountant": "prv",
             "unit": "all of one client's data (its whole update in every round)",

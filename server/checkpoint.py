@@ -23,6 +23,7 @@ from common.config import Config
 from common.dataset import SequenceData
 from common.errors import DataError
 from common.flower_compat import restore_server_optimizer, server_optimizer_state
+from server import central_dp
 from server.strategy import GuardedStrategy
 
 CHECKPOINT = "checkpoint.pt"
@@ -41,6 +42,7 @@ def save(out: Path, done: int, arrays: ArrayRecord, strategy: GuardedStrategy, g
         "epsilons": json.dumps(epsilons),
         "clients": json.dumps(grid.snapshot()) if hasattr(grid, "snapshot") else "",
         "participation": json.dumps(strategy.participation),
+        "clipping_norm": json.dumps(central_dp.clipping_norm(strategy.inner)),
         "data": origin["data"],
         "settings": json.dumps(origin["settings"], sort_keys=True),
     })
@@ -81,6 +83,8 @@ def restore(out: Path | None, strategy: GuardedStrategy, grid: Grid, model: torc
                                               for name, values in saved["optimizer"].items()})
     if saved["clients"] and hasattr(grid, "restore"):
         grid.restore(_json(saved["clients"], out / CHECKPOINT))
+    if json.loads(saved.get("clipping_norm", "null")) is not None:  # adaptive clipping resumes where it was
+        central_dp.restore_clipping_norm(strategy.inner, json.loads(saved["clipping_norm"]))
     strategy.participation = {int(k): v for k, v in _json(saved.get("participation", "{}"), out / CHECKPOINT).items()}
     lines = (out / artifacts.METRICS).read_text().splitlines() if (out / artifacts.METRICS).exists() else []
     kept = [line for line in lines if _json(line, out / artifacts.METRICS)["round"] <= saved["round"]]

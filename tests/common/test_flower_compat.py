@@ -4,6 +4,7 @@ one fails here, by name, before it fails somewhere in a run."""
 from __future__ import annotations
 
 import copy
+import math
 import random
 import types
 
@@ -164,3 +165,18 @@ def test_array_of_writes_the_bytes_flower_writes(values):
     assert (ours.dtype, ours.shape, ours.stype) == (flowers.dtype, flowers.shape, flowers.stype)
     assert ours.data == flowers.data
     np.testing.assert_array_equal(ours.numpy(), values)
+
+
+def test_adaptive_clipping_moves_the_norm_the_way_flowers_does_not():
+    """flwr 1.42 shrinks the norm when more updates were clipped than targeted (the paper's sign
+    on the clipped, not the unclipped, fraction); fedrec's subclass grows it. When an upgrade
+    fixes Flower's sign, the first assertion fails and the subclass can go."""
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideAdaptiveClipping
+
+    norms = {}
+    for kind in (DifferentialPrivacyClientSideAdaptiveClipping, fc.AdaptiveClipping):
+        strategy = kind(FedAvg(), 0.1, 10, initial_clipping_norm=1.0, target_clipped_quantile=0.5, clip_norm_lr=0.2)
+        strategy._geometric_update(1.0)  # every update clipped: the norm is too small
+        norms[kind] = strategy.clipping_norm
+    assert norms[DifferentialPrivacyClientSideAdaptiveClipping] < 1.0 < norms[fc.AdaptiveClipping]
+    assert norms[fc.AdaptiveClipping] == pytest.approx(math.exp(0.2 * 0.5))

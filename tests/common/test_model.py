@@ -178,3 +178,17 @@ def test_scoring_only_real_targets_gives_the_same_losses(model):
     assert torch.allclose(selected, old, atol=1e-6) and torch.allclose(everywhere, old, atol=1e-6)
     grads = [torch.autograd.grad(losses.sum(), list(model.parameters())) for losses in (selected, everywhere)]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
+def test_the_lstm_weights_travel_once_and_an_older_state_dict_with_both_copies_loads():
+    """DPLSTM's weights are listed twice in the parent's state dict (one tensor, two names). Sent
+    twice, the copies were averaged and noised apart under central DP, and each client's update
+    was measured against the copy its model did not run with: clipped for noise it never saw."""
+    model = AttentionLSTM(20, embedding_dim=8, hidden_dim=8)
+    keys = list(model.state_dict())
+    assert "lstm.weight_ih_l0" in keys and not any(k.startswith("lstm.l0.") for k in keys)
+    assert len({id(t) for t in model.state_dict(keep_vars=True).values()}) == len(keys)
+    older = {**model.state_dict(), **{alias: model.state_dict()[first] + 1.0 for alias, first in model.aliases.items()}}
+    fresh = AttentionLSTM(20, embedding_dim=8, hidden_dim=8)
+    fresh.load_state_dict(older)  # the alias's copy is the one the older model ran with (loaded last)
+    assert torch.equal(fresh.lstm.weight_ih_l0, model.state_dict()["lstm.weight_ih_l0"] + 1.0)

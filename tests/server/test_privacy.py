@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import Config
+from common.config import Config, ConfigError
 from common.errors import DataError
 from common.privacy import Ledger, independent_epsilon
 from server import central_dp
@@ -226,3 +226,29 @@ def test_privacy_command_exits_non_zero_on_a_tampered_ledger(both_dp_run, tmp_pa
     victim.write_text(Ledger(((50.0, 0.5, 1),)).to_json())  # a plausible, re-checksummed, much smaller spend
     assert fedrec("privacy", "--run", str(run)) == 1
     assert "participation record" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("start, moves", [(100.0, "down"), (1e-6, "up")])
+def test_adaptive_clipping_moves_the_norm_towards_the_quantile_at_the_same_epsilon(tmp_path, start, moves):
+    """Flower's adaptive clipping (Andrew et al.) with fedrec's clients: a norm far above every
+    update shrinks, one far below grows; the guarantee is accounted for the same σ as fixed
+    clipping, and the norm reached is in the checkpoint, so a resumed run carries on from it."""
+    settings = {**SMALL, "dp": False, "central-dp": True, "central-noise-multiplier": 0.1, "num-server-rounds": 3,
+                "central-clip": start, "central-clip-quantile": 0.5}
+    adaptive = simulate(Config.from_run_config({**settings, "out-dir": str(tmp_path / "a")}), quiet=True)
+    fixed = simulate(Config.from_run_config({**settings, "central-clip-quantile": 0.0,
+                                             "out-dir": str(tmp_path / "f")}), quiet=True)
+    assert adaptive["central_dp"]["epsilon"] == fixed["central_dp"]["epsilon"]
+    assert adaptive["central_dp"]["clipping"].startswith("adaptive") and fixed["central_dp"]["clipping"] == "fixed"
+    reached = json.loads(torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["clipping_norm"])
+    # three rounds at learning rate 0.2 and a clipped fraction of about 0 or 1: a factor near exp(±0.3)
+    assert (reached < 0.85 * start) if moves == "down" else (reached > 1.15 * start)
+    assert json.loads(torch.load(tmp_path / "f" / "checkpoint.pt", weights_only=True)["clipping_norm"]) is None
+
+
+def test_adaptive_clipping_that_cannot_reach_the_noise_is_refused(tmp_path):
+    cfg = Config.from_run_config({**SMALL, "dp": False, "central-dp": True, "central-noise-multiplier": 1.0,
+                                  "central-clip-quantile": 0.5, "out-dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match="adaptive clipping cannot reach central noise multiplier 1 with 3 clients"):
+        simulate(cfg, quiet=True)
+    assert not (tmp_path / "run").exists()
