@@ -55,13 +55,16 @@ def check_output_folder(out: Path, hint: str = "choose a new folder") -> None:
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise OutputError(f"--out {out}: {existing} is a file, not a folder: give a folder path")
-    if not os.access(existing, os.W_OK | os.X_OK) or not _can_write_in(existing):
+    if not writable(existing):
         raise OutputError(f"--out {out}: {existing} is not writable: choose a folder you can write to")
 
 
-def _can_write_in(folder: Path) -> bool:
-    """A probe file written and removed: permission bits alone miss read-only mounts and the
-    kernel's own folders, which even root cannot write."""
+def writable(folder: Path) -> bool:
+    """Whether files can be created in `folder`: its permission bits, then a probe file written
+    and removed, since the bits alone miss read-only mounts and the kernel's own folders, which
+    even root cannot write."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".fedrec-probe-")
     except OSError:

@@ -13,7 +13,15 @@ import numpy as np
 
 from common.artifacts import staged_output
 from common.config import Config
-from common.dataset import MIN_SEQUENCE, SequenceData, Sequences, eval_examples, load_dataset, training_windows
+from common.dataset import (
+    MIN_SEQUENCE,
+    SequenceData,
+    Sequences,
+    eval_examples,
+    load_dataset,
+    training_windows,
+    window_counts,
+)
 from common.errors import DataError
 from common.memo import cached
 from common.partition import partition_users, popularity_groups, user_labels
@@ -108,6 +116,13 @@ def client_data(cfg: Config, partition_id: int) -> ClientData:
 
 def _derived(sequences: Sequences, max_len: int, num_items: int) -> ClientData:
     return ClientData(training_windows(sequences, max_len), eval_examples(sequences, "valid", max_len), num_items)
+
+
+def client_windows(fed: Federation, max_len: int) -> list[int]:
+    """Each simulated client's number of training windows, counted without cutting them: what
+    the server knows of the clients' sizes before any round (SecAgg+'s weight bound, the DP plan)."""
+    counts = window_counts(fed.data.sequences, max_len)
+    return [int(counts[users].sum()) for users in fed.clients]
 
 
 def evaluation_users(cfg: Config) -> np.ndarray:

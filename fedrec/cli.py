@@ -6,7 +6,6 @@ an option left out keeps that default, so `fedrec` and `flwr run .` agree.
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -15,7 +14,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.artifacts import ITEMS, MODEL, OutputError, OutputExistsError, first_sentence, load_tensors, read_json
+from common.artifacts import (
+    ITEMS,
+    MODEL,
+    OutputError,
+    OutputExistsError,
+    first_sentence,
+    load_tensors,
+    read_json,
+    writable,
+)
 from common.config import Config, ConfigError, defaults
 from common.dataset import DataError, load_dataset, stats
 from common.errors import NoProgressError
@@ -277,8 +285,8 @@ def privacy_command(
                   "check",
                   title=f"privacy: {len(clients)} client ledgers" + (" and the server's central DP" if central else ""))
     for c in rows:
-        mechanisms = "; ".join(f"{s:.3g}, {q:.3g}, {n}" for s, q,
-                               n in c.history[:4]) + (" …" if len(c.history) > 4 else "")
+        mechanisms = "; ".join(f"{s:.3g}, {q:.3g}, {n}" for s, q, n in c.history[:4])
+        mechanisms += " …" if len(c.history) > 4 else ""
         table.add_row(c.name, mechanisms, _num(c.reported), _num(c.prv), _num(c.pld), c.problem or "ok")
     console.print(table)
     bad = [c for c in [*clients, *([central] if central else [])] if c.problem]
@@ -320,7 +328,7 @@ def export_command(
         raise OutputExistsError(f"{target} already exists: choose another --out")
     if not target.parent.is_dir():
         raise OutputError(f"--out {target}: folder {target.parent} does not exist: create it, or choose another")
-    if not os.access(target.parent, os.W_OK | os.X_OK):
+    if not writable(target.parent):
         raise OutputError(f"--out {target}: folder {target.parent} is not writable: choose another")
     export.export(net, target, max_len=max_len, items=items, quantize=quantize)
     module, _ = export.load(target)

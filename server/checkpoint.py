@@ -83,8 +83,9 @@ def restore(out: Path | None, strategy: GuardedStrategy, grid: Grid, model: torc
                                               for name, values in saved["optimizer"].items()})
     if saved["clients"] and hasattr(grid, "restore"):
         grid.restore(_json(saved["clients"], out / CHECKPOINT))
-    if json.loads(saved.get("clipping_norm", "null")) is not None:  # adaptive clipping resumes where it was
-        central_dp.restore_clipping_norm(strategy.inner, json.loads(saved["clipping_norm"]))
+    norm = _json(saved.get("clipping_norm", "null"), out / CHECKPOINT)
+    if norm is not None:  # adaptive clipping resumes where it was
+        central_dp.restore_clipping_norm(strategy.inner, norm)
     strategy.participation = {int(k): v for k, v in _json(saved.get("participation", "{}"), out / CHECKPOINT).items()}
     lines = (out / artifacts.METRICS).read_text().splitlines() if (out / artifacts.METRICS).exists() else []
     kept = [line for line in lines if _json(line, out / artifacts.METRICS)["round"] <= saved["round"]]

@@ -8,11 +8,8 @@ with an untrained model and no clear word why.
 
 from __future__ import annotations
 
-import numpy as np
-
 from common.config import Config, ConfigError
-from common.dataset import window_counts
-from common.federation import Federation
+from common.federation import Federation, client_windows
 from common.privacy import check_plan
 from server.central_dp import sampled_per_round
 
@@ -32,6 +29,5 @@ def check(cfg: Config, fed: Federation, clients: int) -> None:
                           f"malicious + 3) but a round samples {sampled}: raise --fraction-train or "
                           "--min-train-nodes, or choose another --aggregation")
     if cfg.dp:
-        counts = window_counts(fed.data.sequences, cfg.max_len)
-        windows = {int(np.sum(counts[users])) for users in fed.clients}
-        check_plan(cfg, [(w, cfg.num_server_rounds * cfg.local_epochs) for w in windows])
+        epochs = cfg.num_server_rounds * cfg.local_epochs
+        check_plan(cfg, [(windows, epochs) for windows in set(client_windows(fed, cfg.max_len))])

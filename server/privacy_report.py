@@ -75,14 +75,12 @@ def _client(cfg: Config, node: str, entries: list[list[int]] | None, ledger_path
     if reported is None:
         problems.append("no reported ε in privacy.json")
     if ledger_path is not None:
-        try:
-            ledger = Ledger.from_json(ledger_path.read_text())
-        except (OSError, DataError) as e:
-            problems.append(str(e))
-        else:
-            if not _same(ledger.history, history):
-                problems.append(f"ledger (ε {ledger.epsilon(delta):.3f}) differs from the server's participation "
-                                f"record (ε {check.prv:.3f}): it was reset, shortened or edited")
+        ledger = _read_ledger(ledger_path)
+        if isinstance(ledger, str):
+            problems.append(ledger)
+        elif not _same(ledger.history, history):
+            problems.append(f"ledger (ε {ledger.epsilon(delta):.3f}) differs from the server's participation "
+                            f"record (ε {check.prv:.3f}): it was reset, shortened or edited")
     elif cfg.partition != "devices":
         problems.append("ledger missing")
     return dataclasses.replace(check, problem="; ".join(problems))
@@ -90,11 +88,18 @@ def _client(cfg: Config, node: str, entries: list[list[int]] | None, ledger_path
 
 def audit_ledger(path: Path, delta: float, reported: float | None, name: str | None = None) -> Check:
     """One device's own ledger: checksum, and the two accountants on its history."""
-    try:
-        ledger = Ledger.from_json(path.read_text())
-    except (OSError, DataError) as e:
-        return Check(name or str(path), (), reported, None, None, str(e))
+    ledger = _read_ledger(path)
+    if isinstance(ledger, str):
+        return Check(name or str(path), (), reported, None, None, ledger)
     return _check(name or str(path), ledger.history, reported, delta)
+
+
+def _read_ledger(path: Path) -> Ledger | str:
+    """The ledger, or why it cannot be read (an audit reports it rather than stopping)."""
+    try:
+        return Ledger.from_json(path.read_text())
+    except (OSError, DataError) as e:
+        return str(e)
 
 
 def _check(name: str, history: tuple, reported: float | None, delta: float) -> Check:

@@ -25,8 +25,7 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
 from common.config import Config, ConfigError
-from common.dataset import window_counts
-from common.federation import Federation
+from common.federation import Federation, client_windows
 from common.flower_compat import (
     MAIN_CONFIGS_RECORD,
     MAIN_PARAMS_RECORD,
@@ -55,8 +54,7 @@ def max_weight(cfg: Config, fed: Federation) -> float:
         return cfg.secagg_max_weight
     if cfg.central_dp:
         return 1.0  # every client weighs the same
-    counts = window_counts(fed.data.sequences, cfg.max_len)
-    return float(max(int(counts[users].sum()) for users in fed.clients))
+    return float(max(client_windows(fed, cfg.max_len)))
 
 
 def summary(cfg: Config) -> dict[str, Any]:
