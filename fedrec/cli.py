@@ -66,6 +66,9 @@ EmbeddingDim = Annotated[Optional[int], _opt("embedding-dim", "Item embedding wi
 HiddenDim = Annotated[Optional[int], _opt("hidden-dim", "LSTM width")]
 Dropout = Annotated[Optional[float], _opt("dropout", "Dropout")]
 WeightDecay = Annotated[Optional[float], _opt("weight-decay", "L2 penalty")]
+MaskHistory = Annotated[Optional[bool], _opt(
+    "mask-history", "Evaluate without recommending items already in the user's history (S3-Rec's protocol)",
+    "--mask-history/--no-mask-history")]
 
 
 def _config(**options: Any) -> Config:
@@ -82,6 +85,7 @@ def train_command(
     min_rating: MinRating = None,
     max_len: MaxLen = None,
     seed: Seed = None,
+    mask_history: MaskHistory = None,
     epochs: Annotated[Optional[int], _opt("epochs", "Most epochs (early stopping on validation NDCG@10)")] = None,
     batch_size: BatchSize = None,
     lr: Lr = None,
@@ -123,12 +127,15 @@ def simulate_command(
     min_rating: MinRating = None,
     max_len: MaxLen = None,
     seed: Seed = None,
+    mask_history: MaskHistory = None,
     rounds: Annotated[Optional[int], _opt("num-server-rounds", "Federated rounds")] = None,
     partition: Annotated[Optional[str], _opt("partition", "user (one client per user), iid or skew")] = None,
     num_clients: Annotated[Optional[int], _opt("num-clients", "Clients for iid and skew partitions")] = None,
     fraction_train: Annotated[Optional[float], _opt("fraction-train", "Share of clients sampled per round")] = None,
     min_train_nodes: Annotated[Optional[int], _opt("min-train-nodes",
                                                    "Fewest usable replies to aggregate a round")] = None,
+    fraction_evaluate: Annotated[Optional[float], _opt(
+        "fraction-evaluate", "Share of clients sampled for federated evaluation (0: the server's only)")] = None,
     local_epochs: Annotated[Optional[int], _opt("local-epochs", "Epochs of local training per round")] = None,
     batch_size: BatchSize = None,
     lr: Lr = None,
@@ -155,6 +162,9 @@ def simulate_command(
     central_noise_multiplier: Annotated[Optional[float], _opt("central-noise-multiplier",
                                                               "Central DP σ (0: derive from the target)")] = None,
     central_clip: Annotated[Optional[float], _opt("central-clip", "Norm each client's update is clipped to")] = None,
+    central_clip_quantile: Annotated[Optional[float], _opt(
+        "central-clip-quantile", "Adapt the clipping norm towards this quantile of update norms (0: fixed)")] = None,
+    central_clip_lr: Annotated[Optional[float], _opt("central-clip-lr", "Step of the adaptive clipping norm")] = None,
     secagg: Annotated[Optional[bool], _opt("secagg", "Secure aggregation (SecAgg+): the server sees only the sum",
                                            "--secagg/--no-secagg")] = None,
     aggregation: Annotated[Optional[str], _opt("aggregation",

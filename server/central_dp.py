@@ -130,5 +130,7 @@ def guarantee(cfg: Config, num_clients: int, rounds: int) -> dict:
                          if cfg.central_clip_quantile > 0 else "fixed"),
             "sample_rate": spent.history[0][1] if spent.history else None, "rounds": rounds,
             "history": [list(h) for h in spent.history], "accountant": "prv",
-            "unit": "all of one client's data (its whole update in every round)",
+            "unit": ("one user's whole history (one user per client: its whole update in every round)"
+                     if cfg.partition == "user" else
+                     "all of one client's data (its whole update in every round): a silo's users together"),
             "protects_against": "everyone who sees the released models; assumes the server adds the noise"}

@@ -52,12 +52,27 @@ def test_speed_smoke_reports_what_it_measured_on_synthetic_data():
 
 def test_plots_are_drawn_from_stored_results(tmp_path, monkeypatch):
     monkeypatch.setattr(privacy_utility, "FIGURES", tmp_path)
-    run = {"epsilon_spent": 1.0, "test_ndcg@10": 0.01, "test_hr@10": 0.02, "rounds": 2, "seconds_per_round": 1.0,
+    run = {"epsilon_spent": 1.0, "test_ndcg@10": 0.04, "test_hr@10": 0.02, "rounds": 2, "seconds_per_round": 1.0,
            "curve": [[0, 0.001], [1, 0.005], [2, 0.01]]}
     results = {"toy": {"centralized_ndcg@10": 0.05, "popularity_ndcg@10": 0.02, "users": 10, "items": 5,
-                       "runs": {"1.0": run, str(math.inf): {**run, "epsilon_spent": None, "test_ndcg@10": 0.03}}}}
+                       "runs": {"user/5/1.0": run, f"user/5/{math.inf}": {**run, "epsilon_spent": None,
+                                                                           "test_ndcg@10": 0.05},
+                                "window/1/8.0": run}}}
     written = privacy_utility.plot(results)
     assert [p.name for p in written] == ["privacy_utility.png", "learning_curves_toy.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
-    assert [row.split(" | ")[1] for row in privacy_utility.table(results)] == ["1", "∞"]
+    rows = [row.split(" | ") for row in privacy_utility.table(results)]
+    # one row per run, each curve's ε in order; the multiple of popularity and the share of its own ε = ∞ run
+    user = "user-level central DP"
+    assert [(r[1], r[2], r[3]) for r in rows] == [(user, "5", "1"), (user, "5", "∞"), ("local DP per window", "1", "8")]
+    assert [(r[7], r[8]) for r in rows] == [("2.00×", "80%"), ("2.50×", "100%"), ("2.00×", "–")]
+
+
+def test_user_level_recipe_is_central_dp_at_the_cohort_asked_for():
+    settings = privacy_utility.recipe("user", 8.0, 1000, 20000)
+    assert settings["central-dp"] == "true" and settings["dp"] == "false"
+    assert settings["central-target-epsilon"] == "8.0"
+    assert float(settings["fraction-train"]) * 20000 == 1000
+    plain = privacy_utility.recipe("user", math.inf, 1000, 20000)
+    assert "central-dp" not in plain and plain["server-strategy"] == settings["server-strategy"]

@@ -20,6 +20,7 @@ from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
+from recipes import LOCAL_DP
 
 from client.client_app import LEDGER, app
 from common.config import Config, ConfigError
@@ -33,6 +34,7 @@ from server.strategy import make_strategy
 from simulation.grid import InProcessGrid, default_node_config
 
 TINY: dict[str, Any] = {
+    **LOCAL_DP,
     "synthetic-users": 40, "synthetic-items": 30, "synthetic-groups": 3, "synthetic-min-len": 8,
     "synthetic-max-len": 14, "max-len": 12, "embedding-dim": 8, "hidden-dim": 8, "batch-size": 8,
     "partition": "iid", "num-clients": 4, "local-epochs": 1, "num-server-rounds": 10, "lr": 0.003,

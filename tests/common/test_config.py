@@ -40,3 +40,12 @@ def test_unknown_key_is_refused_with_the_closest_valid_one():
 def test_every_key_of_a_config_round_trips():
     cfg = Config.from_run_config({"seed": 7})
     assert Config.from_run_config(cfg.to_run_config()) == cfg
+
+
+def test_the_defaults_are_the_recommended_private_configuration():
+    """`fedrec simulate` with no options: user-level central DP, one user per client, adaptive
+    clipping, FedAdam on the noised average (BENCHMARKS.md, "What was tried for user-level DP")."""
+    cfg = Config.from_run_config({})
+    assert (cfg.partition, cfg.central_dp, cfg.dp) == ("user", True, False)
+    assert cfg.central_clip_quantile == 0.5 and cfg.server_strategy == "fedadam" and cfg.local_epochs == 1
+    assert cfg.central_target_epsilon == 8.0 and cfg.delta == 1e-5

@@ -298,7 +298,7 @@ def test_resume_of_corrupt_checkpoint_or_config_gives_one_line(monkeypatch, caps
     tiny_config(monkeypatch)
     run_dir = tmp_path / "sim"
     args = ["simulate", "--out", str(run_dir), "--partition", "iid", "--num-clients", "2", "--fraction-train", "1",
-            "--rounds", "1", "--no-dp", *FAST[2:]]
+            "--rounds", "1", "--no-dp", "--no-central-dp", *FAST[2:]]
     assert run(monkeypatch, capsys, *args, "--quiet")[0] == 0
     for name, cut, expected in [("checkpoint.pt", 0, "checkpoint.pt is truncated or not a fedrec file (EOFError)"),
                                 ("checkpoint.pt", 2000, "checkpoint.pt is truncated or not a fedrec file"),
@@ -336,3 +336,18 @@ def test_a_folder_no_one_can_write_is_refused_whatever_its_permission_bits(monke
     for command in ("train", "simulate"):
         code, _, err = run(monkeypatch, capsys, command, "--out", "/sys/fedrec-run", *FAST[2:])
         _one_error_line(code, err, "/sys is not writable")
+
+
+@pytest.mark.parametrize("command", ["train", "simulate"])
+def test_evaluation_protocol_and_central_dp_options_reach_the_run_config(monkeypatch, capsys, tmp_path, command):
+    """--mask-history changes what every number means, so both training commands take it; simulate
+    also takes the federated evaluation share and the adaptive clipping keys."""
+    seen = []
+    target = "simulation.centralized.train_centralized" if command == "train" else "simulation.run.simulate"
+    monkeypatch.setattr(target, lambda cfg, *a, **k: seen.append(cfg) or (_ for _ in ()).throw(SystemExit(0)))
+    extra = [] if command == "train" else ["--fraction-evaluate", "0", "--central-clip-quantile", "0.3",
+                                           "--central-clip-lr", "0.1"]
+    run(monkeypatch, capsys, command, "--out", str(tmp_path / "run"), "--mask-history", *extra)
+    assert seen and seen[0].mask_history is True
+    if command == "simulate":
+        assert (seen[0].fraction_evaluate, seen[0].central_clip_quantile, seen[0].central_clip_lr) == (0.0, 0.3, 0.1)

@@ -22,7 +22,8 @@ FEDREC = [sys.executable, "-m", "fedrec"]
 DATA = {"dataset": "synthetic", "synthetic-users": 240, "synthetic-items": 40, "synthetic-groups": 4,
         "synthetic-min-len": 8, "synthetic-max-len": 16, "holdout-users": 0.25}
 TRAINING = ("min-train-nodes=3 fraction-train=1.0 fraction-evaluate=1.0 local-epochs=1 max-len=10 "
-            "embedding-dim=16 hidden-dim=16 batch-size=16 dp=true target-epsilon=8")
+            "embedding-dim=16 hidden-dim=16 batch-size=16 dp=true target-epsilon=8 central-dp=false "
+            "server-strategy=\"fedavg\"")
 
 
 def _fedrec(*args: str, env: dict[str, str], log: Path, timeout: float = 60) -> tuple[int, str]:

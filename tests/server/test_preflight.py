@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from recipes import LOCAL_DP
 
 from common.config import Config, ConfigError
 from common.errors import DataError, NoProgressError
@@ -14,7 +15,7 @@ from common.federation import federation
 from simulation.centralized import train_centralized
 from simulation.run import simulate
 
-SMALL = {"synthetic-users": 40, "synthetic-items": 20, "synthetic-groups": 2, "synthetic-min-len": 6,
+SMALL = {**LOCAL_DP, "synthetic-users": 40, "synthetic-items": 20, "synthetic-groups": 2, "synthetic-min-len": 6,
          "synthetic-max-len": 10, "max-len": 8, "embedding-dim": 8, "hidden-dim": 8, "batch-size": 8,
          "partition": "iid", "num-clients": 2, "fraction-train": 1.0, "local-epochs": 1, "num-server-rounds": 2,
          "dp": False}

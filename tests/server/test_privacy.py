@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from recipes import LOCAL_DP
 
 from common.config import Config, ConfigError
 from common.errors import DataError
@@ -15,7 +16,7 @@ from server import central_dp
 from server.privacy_report import audit_run
 from simulation.run import simulate
 
-SMALL = {"synthetic-users": 90, "synthetic-items": 30, "synthetic-groups": 3, "synthetic-min-len": 8,
+SMALL = {**LOCAL_DP, "synthetic-users": 90, "synthetic-items": 30, "synthetic-groups": 3, "synthetic-min-len": 8,
          "synthetic-max-len": 14, "max-len": 10, "embedding-dim": 8, "hidden-dim": 8, "batch-size": 16,
          "partition": "iid", "num-clients": 3, "fraction-train": 1.0, "local-epochs": 1, "num-server-rounds": 2}
 
@@ -63,7 +64,8 @@ def test_the_server_optimizer_steps_after_the_central_noise():
     from simulation.grid import InProcessGrid, run_server_app
 
     clients, eta = 3, 1e-3
-    cfg = Config.from_run_config({"dp": False, "central-dp": True, "server-strategy": "fedadam", "server-lr": eta,
+    cfg = Config.from_run_config({**LOCAL_DP, "dp": False, "central-dp": True, "server-strategy": "fedadam",
+                                  "server-lr": eta,
                                   "central-noise-multiplier": 100.0, "central-clip": 1.0, "fraction-train": 1.0,
                                   "min-train-nodes": 1, "fraction-evaluate": 0.0})
     client = ClientApp()

@@ -13,6 +13,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from recipes import LOCAL_DP
 
 from client.secagg import secure_aggregation_mod
 from common.config import Config, ConfigError
@@ -38,7 +39,7 @@ def toy_client(out_of_range: int) -> ClientApp:
 
 
 def secure_round(out_of_range: int = -1) -> tuple[list[Message], InProcessGrid]:
-    grid = InProcessGrid(toy_client(out_of_range), NODES, {})
+    grid = InProcessGrid(toy_client(out_of_range), NODES, dict(LOCAL_DP))
     replies: list[Message] = []
     server = ServerApp()
 
@@ -47,7 +48,7 @@ def secure_round(out_of_range: int = -1) -> tuple[list[Message], InProcessGrid]:
         arrays = ArrayRecord({"w": Array(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4))})
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in grid.get_node_ids()]
-        replies.extend(SecureGrid(grid, Config.from_run_config({}), weight=NODES).send_and_receive(messages))
+        replies.extend(SecureGrid(grid, Config.from_run_config(LOCAL_DP), weight=NODES).send_and_receive(messages))
 
     run_server_app(server, grid)
     return replies, grid
@@ -72,8 +73,8 @@ def test_the_server_gets_only_the_weighted_mean_of_the_clients_that_finished(out
 
 def test_secagg_settings_are_checked():
     with pytest.raises(ConfigError, match="secagg-num-shares"):
-        Config.from_run_config({"secagg-num-shares": 2})
+        Config.from_run_config({**LOCAL_DP, "secagg-num-shares": 2})
     with pytest.raises(ConfigError, match="secagg-reconstruction-threshold"):
-        Config.from_run_config({"secagg-num-shares": 3, "secagg-reconstruction-threshold": 3})
+        Config.from_run_config({**LOCAL_DP, "secagg-num-shares": 3, "secagg-reconstruction-threshold": 3})
     with pytest.raises(ConfigError, match="secagg-max-weight"):
-        Config.from_run_config({"secagg": True, "partition": "devices"})
+        Config.from_run_config({**LOCAL_DP, "secagg": True, "partition": "devices"})

@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+from recipes import LOCAL_DP
 
 from common.replies import TrainMetrics, declined_reply
 from server.strategy import GuardedStrategy, make_strategy
@@ -243,19 +244,20 @@ def test_make_strategy_follows_the_config():
     from common.config import Config, ConfigError
 
     with pytest.raises(ConfigError, match="aggregation = krum needs"):
-        Config.from_run_config({"aggregation": "krum", "central-dp": True})
-    cfg = Config.from_run_config({"fraction-train": 0.3, "min-train-nodes": 3})
+        Config.from_run_config({**LOCAL_DP, "aggregation": "krum", "central-dp": True})
+    cfg = Config.from_run_config({**LOCAL_DP, "fraction-train": 0.3, "min-train-nodes": 3})
     strategy = make_strategy(cfg, 20)
     assert type(strategy) is FedAvg
     assert (strategy.fraction_train, strategy.min_train_nodes, strategy.weighted_by_key) == (0.3, 3, "num-examples")
-    adam = make_strategy(Config.from_run_config({"server-strategy": "fedadam", "server-lr": 0.05}), 20)
+    adam = make_strategy(Config.from_run_config({**LOCAL_DP, "server-strategy": "fedadam", "server-lr": 0.05}), 20)
     assert isinstance(adam, FedAdam) and adam.eta == 0.05
-    central = make_strategy(Config.from_run_config({"central-dp": True, "central-clip": 0.5, "fraction-train": 0.3,
-                                                    "central-noise-multiplier": 1.2}), 20)
+    central = make_strategy(Config.from_run_config({**LOCAL_DP, "central-dp": True, "central-clip": 0.5,
+                                                    "fraction-train": 0.3, "central-noise-multiplier": 1.2}), 20)
     assert isinstance(central, DifferentialPrivacyClientSideFixedClipping)
     assert (central.clipping_norm, central.noise_multiplier, central.num_sampled_clients) == (0.5, 1.2, 6)
     assert central.strategy.weighted_by_key == "unit-weight"  # a uniform average: what the noise is calibrated to
-    adam_after_noise = make_strategy(Config.from_run_config({"central-dp": True, "server-strategy": "fedadam",
+    adam_after_noise = make_strategy(Config.from_run_config({**LOCAL_DP, "central-dp": True,
+                                                             "server-strategy": "fedadam",
                                                              "central-noise-multiplier": 1.2}), 20)
     assert isinstance(adam_after_noise, FedAdam)
     assert isinstance(adam_after_noise.dp, DifferentialPrivacyClientSideFixedClipping)
@@ -285,8 +287,8 @@ def test_every_robust_aggregation_runs_and_resists_one_outlier(aggregation):
         metrics = TrainMetrics(num_examples=1, train_loss=0.0, epsilon=0.0).to_record()
         return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w + shift)}), "metrics": metrics}), reply_to=msg)
 
-    cfg = Config.from_run_config({"aggregation": aggregation, "byzantine-fraction": 0.1, "fraction-train": 1.0,
-                                  "fraction-evaluate": 0.0, "min-train-nodes": 1})
+    cfg = Config.from_run_config({**LOCAL_DP, "aggregation": aggregation, "byzantine-fraction": 0.1,
+                                  "fraction-train": 1.0, "fraction-evaluate": 0.0, "min-train-nodes": 1})
     strategy = GuardedStrategy(make_strategy(cfg, 10), seed=0, min_train_nodes=1)
     out = run(strategy, InProcessGrid(app, 10, {}), num_rounds=1)
     w = out["result"].arrays["w"].numpy()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from recipes import LOCAL_DP
 
 from common.config import Config
 from common.dataset import load_dataset, popularity
 from simulation.attacks import malicious_partitions
 from simulation.run import simulate
 
-BASE = {"synthetic-users": 150, "synthetic-items": 50, "synthetic-groups": 5, "synthetic-min-len": 10,
+BASE = {**LOCAL_DP, "synthetic-users": 150, "synthetic-items": 50, "synthetic-groups": 5, "synthetic-min-len": 10,
         "synthetic-max-len": 20, "max-len": 15, "batch-size": 16, "lr": 0.02, "dropout": 0.0, "dp": False,
         "partition": "iid", "num-clients": 10, "fraction-train": 1.0, "min-train-nodes": 1, "local-epochs": 5,
         "num-server-rounds": 3, "attack-fraction": 0.2}

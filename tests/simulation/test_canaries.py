@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import torch
+from recipes import LOCAL_DP
 
 from common.config import Config
 from common.dataset import load_dataset
@@ -13,7 +14,7 @@ from common.model import build_model
 from simulation.canaries import advantage, exposure, plant
 from simulation.run import simulate
 
-SMALL = {"synthetic-users": 150, "synthetic-items": 60, "synthetic-groups": 3, "synthetic-min-len": 8,
+SMALL = {**LOCAL_DP, "synthetic-users": 150, "synthetic-items": 60, "synthetic-groups": 3, "synthetic-min-len": 8,
          "synthetic-max-len": 14, "max-len": 12, "embedding-dim": 16, "hidden-dim": 16, "batch-size": 16,
          "lr": 0.02, "dropout": 0.0}
 

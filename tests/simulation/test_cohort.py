@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from recipes import LOCAL_DP
 
 from client import cohort
 from client.client_app import app
@@ -26,6 +27,7 @@ from simulation.run import simulate
 
 # One client per user, users of 4 to 30 interactions: 1 to 3 windows, 1 or 2 batches of 2.
 USERS: dict[str, Any] = {
+    **LOCAL_DP,
     "synthetic-users": 24, "synthetic-items": 30, "synthetic-groups": 3, "synthetic-min-len": 4,
     "synthetic-max-len": 30, "max-len": 10, "embedding-dim": 8, "hidden-dim": 8, "batch-size": 2,
     "partition": "user", "num-server-rounds": 3, "lr": 0.05, "optimizer": "sgd", "dropout": 0.2,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from recipes import LOCAL_DP
 
 from server.flower_cli import is_running
 from simulation.ray_engine import RayRun, RayRunError, run_on_ray
@@ -140,7 +141,7 @@ def test_unknown_run_config_key_is_an_error(tmp_path: Path) -> None:
 def test_fedrec_app_runs_two_rounds_on_ray(tmp_path: Path) -> None:
     """The same ServerApp and ClientApp that `fedrec simulate` runs in-process, on Flower's Ray engine."""
     out = tmp_path / "run"
-    tiny = {"synthetic-users": 60, "synthetic-items": 30, "synthetic-groups": 3, "synthetic-min-len": 8,
+    tiny = {**LOCAL_DP, "synthetic-users": 60, "synthetic-items": 30, "synthetic-groups": 3, "synthetic-min-len": 8,
             "synthetic-max-len": 14, "max-len": 12, "embedding-dim": 8, "hidden-dim": 8, "batch-size": 8,
             "partition": "iid", "num-clients": 3, "fraction-train": 1.0, "num-server-rounds": 2,
             "out-dir": str(out)}

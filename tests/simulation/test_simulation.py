@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
+from recipes import LOCAL_DP
 
 from common.config import Config
 from common.dataset import eval_examples, load_dataset, popularity
 from common.metrics import evaluate_popularity
 from simulation.run import simulate
 
-SMALL = {"synthetic-users": 120, "synthetic-items": 50, "synthetic-groups": 5, "synthetic-min-len": 10,
+SMALL = {**LOCAL_DP, "synthetic-users": 120, "synthetic-items": 50, "synthetic-groups": 5, "synthetic-min-len": 10,
          "synthetic-max-len": 20, "max-len": 15, "embedding-dim": 32, "hidden-dim": 32, "batch-size": 16,
          "lr": 0.02, "dropout": 0.0, "partition": "iid", "num-clients": 4, "fraction-train": 1.0,
          "local-epochs": 5, "num-server-rounds": 3}
