@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -23,12 +24,21 @@ from client.secagg import secure_aggregation_mod
 from client.training import ClientJob
 from common.config import Config
 from common.federation import ClientData, client_data, local_client_data
-from common.flower_compat import array_of
+from common.flower_compat import array_of, array_view
 from common.memo import cached
 from common.metrics import LIST_METRICS, evaluate_model
 from common.model import build_model
 from common.privacy import Ledger, noise_multiplier_for, round_mechanism
-from common.replies import ARRAYS, METRICS, NUM_EXAMPLES, UNIT_WEIGHT, TrainMetrics, declined_reply, train_reply
+from common.replies import (
+    ARRAYS,
+    METRICS,
+    NOISE_STD,
+    NUM_EXAMPLES,
+    UNIT_WEIGHT,
+    TrainMetrics,
+    declined_reply,
+    train_reply,
+)
 
 app = ClientApp()
 
@@ -66,7 +76,11 @@ def train_round(msg: Message, context: Context) -> Message:
     if not cfg.central_dp:
         return local_training(msg, context)
     clip = adaptiveclipping_mod if cfg.central_clip_quantile > 0 else fixedclipping_mod
-    return clip(msg, context, local_training)
+    reply = clip(msg, context, local_training)
+    if cfg.distributed_dp and not reply.has_error():
+        reply = _with_noise_share(reply, float(msg.content["config"][NOISE_STD]),
+                                  _noise_generator(cfg, server_round, context))
+    return reply
 
 
 @app.evaluate()
@@ -143,12 +157,33 @@ def _blank_model(cfg: Config, num_items: int) -> torch.nn.Module:
     return build_model(cfg, num_items)
 
 
+def _with_noise_share(reply: Message, std: float, generator: torch.Generator) -> Message:
+    """Distributed DP: the clipped weights with this client's share of the Gaussian noise on every
+    weight, added before SecAgg+ masks them (`server.central_dp.client_noise_std`)."""
+    arrays = reply.content[ARRAYS]
+    noised = {}
+    for key in arrays.keys():
+        values = torch.from_numpy(array_view(arrays[key]).copy())
+        values += torch.normal(0.0, std, size=values.shape, generator=generator, dtype=values.dtype)
+        noised[key] = array_of(values.numpy())
+    reply.content[ARRAYS] = ArrayRecord(noised)
+    return reply
+
+
+def _noise_generator(cfg: Config, server_round: int, context: Context) -> torch.Generator:
+    """Seeded in simulation (runs replay exactly); from the OS on a device, where the server,
+    which knows the run's seed, must not be able to draw the same noise and subtract it."""
+    if "data-path" in context.node_config:
+        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return torch.Generator().manual_seed(_seed(cfg.seed, server_round, _client_key(context), "noise"))
+
+
 def _client_key(context: Context) -> int:
     """What names this client across restarts: its partition in simulation, its node id deployed."""
     return int(context.node_config.get("partition-id", context.node_id))
 
 
-def _seed(seed: int, server_round: int, client: int) -> int:
-    """A distinct, reproducible seed per (run, round, client): resumed runs replay exactly."""
-    digest = hashlib.sha256(f"{seed}/{server_round}/{client}".encode()).digest()
+def _seed(seed: int, server_round: int, client: int, purpose: str = "") -> int:
+    """A distinct, reproducible seed per (run, round, client, purpose): resumed runs replay exactly."""
+    digest = hashlib.sha256(f"{seed}/{server_round}/{client}{'/' + purpose if purpose else ''}".encode()).digest()
     return int.from_bytes(digest[:4], "little")

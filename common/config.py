@@ -94,6 +94,7 @@ class Config:
     central_clip: float
     central_clip_quantile: float
     central_clip_lr: float
+    distributed_dp: bool
     secagg: bool
     secagg_num_shares: int
     secagg_reconstruction_threshold: int
@@ -138,6 +139,13 @@ class Config:
                f"central-noise-multiplier must be >= 0, got {self.central_noise_multiplier}")
         _check(not self.central_dp or self.central_noise_multiplier > 0 or self.central_target_epsilon > 0,
                "with central-dp on, set central-target-epsilon > 0 or central-noise-multiplier > 0")
+        _check(not self.distributed_dp or (self.central_dp and self.secagg and self.central_clip_quantile == 0),
+               "distributed-dp needs central-dp and secagg on and fixed clipping (central-clip-quantile = 0): "
+               "the clients add the noise, SecAgg+ hides each one's share, and adaptive clipping's count "
+               "would need noise of its own")
+        _check(not self.distributed_dp or self.min_train_nodes >= 2,
+               f"distributed-dp needs min-train-nodes >= 2 (each client adds 1/min-train-nodes of the noise variance), "
+               f"got {self.min_train_nodes}")
         _check(self.secagg_num_shares > 2, f"secagg-num-shares must be > 2, got {self.secagg_num_shares}")
         _check(2 <= self.secagg_reconstruction_threshold < self.secagg_num_shares,
                "secagg-reconstruction-threshold must be >= 2 and < secagg-num-shares, "

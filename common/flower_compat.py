@@ -39,12 +39,14 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideAdaptiveClipping, Strategy
 from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.task_identity import TaskIdentity
 
 __all__ = [
     "AdaptiveClipping",
+    "FlooredSecAggPlusWorkflow",
     "MAIN_CONFIGS_RECORD",
     "MAIN_PARAMS_RECORD",
     "RECORD_KEY_CONFIGS",
@@ -208,3 +210,22 @@ class AdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
 
     def _geometric_update(self, clipped_fraction: float) -> None:
         self.clipping_norm *= math.exp(self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
+
+
+class FlooredSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ that halts before unmasking a sum of fewer than `floor` clients.
+
+    Flower's own check is per client (enough live neighbours to rebuild masks), so after dropouts
+    it may unmask a sum of very few updates. Under distributed DP each client carries only
+    1/`floor` of the noise variance, and a sum of fewer would leave the server with less noise than
+    the ε was accounted for, so the round ends without a result instead. Reads the workflow
+    state's `active_node_ids` (the clients whose masked vectors were summed) after Flower's stage."""
+
+    def __init__(self, *args: object, floor: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.floor = floor
+
+    def collect_masked_vectors_stage(self, grid: object, context: LegacyContext, state: WorkflowState) -> bool:
+        if not super().collect_masked_vectors_stage(grid, context, state):
+            return False
+        return len(state.active_node_ids) >= self.floor

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"  # the reply's records
 NUM_EXAMPLES = "num-examples"  # training windows: what FedAvg weighs a client by
 UNIT_WEIGHT = "unit-weight"  # 1 for every client: under central DP FedAvg averages uniformly by it
+NOISE_STD = "dp-noise-std"  # train config under distributed DP: the std of each client's share of the noise
 
 
 def weight_key(central_dp: bool) -> str:

@@ -165,6 +165,9 @@ def simulate_command(
     central_clip_quantile: Annotated[Optional[float], _opt(
         "central-clip-quantile", "Adapt the clipping norm towards this quantile of update norms (0: fixed)")] = None,
     central_clip_lr: Annotated[Optional[float], _opt("central-clip-lr", "Step of the adaptive clipping norm")] = None,
+    distributed_dp: Annotated[Optional[bool], _opt(
+        "distributed-dp", "Clients add the central noise in shares under SecAgg+ (no trusted server)",
+        "--distributed-dp/--no-distributed-dp")] = None,
     secagg: Annotated[Optional[bool], _opt("secagg", "Secure aggregation (SecAgg+): the server sees only the sum",
                                            "--secagg/--no-secagg")] = None,
     aggregation: Annotated[Optional[str], _opt("aggregation",

@@ -16,10 +16,17 @@ post-processing, so the guarantee is unchanged (`NoisedFedAdam`).
 
 What it protects: all of one client's data (for one user per client: one user) against
 everyone who sees the released models, assuming the server adds the noise honestly.
+
+Distributed DP (`distributed-dp`, with SecAgg+) removes that assumption: each client adds
+N(0, (σC)² / m_min) to its clipped update before SecAgg+ masks it (m_min = `min-train-nodes`, the
+fewest survivors a round aggregates with), the server adds nothing and sees only the noised sum.
+With m ≥ m_min survivors the sum holds noise of variance m/m_min · (σC)² ≥ (σC)², so the ε
+accounted for σ holds (a bound: more survivors add more noise than it counts).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,6 +70,8 @@ def wrap(strategy: Strategy, cfg: Config, num_clients: int) -> Strategy:
     Flower splits the given σ between that count (std `m / 20`) and the update so that the two
     together are one Gaussian mechanism of noise multiplier σ: the ε accounted for σ holds."""
     sigma, sampled = noise_multiplier(cfg, num_clients), sampled_per_round(cfg, num_clients)
+    if cfg.distributed_dp:  # the clients add the noise (client_noise_std): the wrapper only sends the norm
+        return DifferentialPrivacyClientSideFixedClipping(strategy, 0.0, cfg.central_clip, sampled)
     if cfg.central_clip_quantile <= 0:
         return DifferentialPrivacyClientSideFixedClipping(strategy, sigma, cfg.central_clip, sampled)
     if sigma >= sampled / 10:  # Flower's bound: σ < 2 x the count's std, m / 20
@@ -71,6 +80,12 @@ def wrap(strategy: Strategy, cfg: Config, num_clients: int) -> Strategy:
                           "central-clip-quantile = 0 for fixed clipping")
     return AdaptiveClipping(strategy, sigma, sampled, initial_clipping_norm=cfg.central_clip,
                             target_clipped_quantile=1 - cfg.central_clip_quantile, clip_norm_lr=cfg.central_clip_lr)
+
+
+def client_noise_std(cfg: Config, num_clients: int) -> float:
+    """Under distributed DP, the std of the noise each client adds to every weight: σC/√m_min,
+    so that any m_min survivors together add the central mechanism's σC."""
+    return noise_multiplier(cfg, num_clients) * cfg.central_clip / math.sqrt(cfg.min_train_nodes)
 
 
 def clipping_norm(strategy: Strategy) -> float | None:
@@ -104,13 +119,35 @@ class _NoisedAverage(FedAvg):
 
 class NoisedFedAdam(FedAdam, _NoisedAverage):
     """Flower's FedAdam stepping on the central-DP noised average (its `super()` average, by the
-    method order FedAdam → FedOpt → _NoisedAverage → FedAvg)."""
+    method order FedAdam → FedOpt → _NoisedAverage → FedAvg), with Adam's τ at the noise floor.
+
+    Adam divides each weight's step by √v + τ. Where a weight gets no signal, an item row no user
+    of the round touched, v is the noise's own variance, so with Flower's τ = 10⁻³ (below the noise
+    std of a large cohort's average) every such weight takes a large step in a random direction each
+    round, and the rare items' embeddings random-walk away (with Flower's τ, user-level DP on Beauty
+    stalled at popularity level from round 20: BENCHMARKS.md, tuning record). τ = `TAU_NOISE_FLOOR`
+    × the noise std leaves those steps small, while weights whose signal clears the noise still get
+    Adam's scaling.
+    """
+
+    noise_multiplier: float  # the central mechanism's σ (the clients' together, under distributed DP)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        noise_std = self.noise_multiplier * self.dp.clipping_norm / self.dp.num_sampled_clients
+        self.tau = max(FLOWER_TAU, TAU_NOISE_FLOOR * noise_std)
+        return super().aggregate_train(server_round, replies)
+
+
+FLOWER_TAU = 1e-3  # FedAdam's default
+TAU_NOISE_FLOOR = 10.0
 
 
 def with_server_adam(cfg: Config, num_clients: int, **common: Any) -> Strategy:
     """FedAdam (η = `server-lr`) after central DP's noise: the server optimizer of user-level DP-FedAvg."""
-    strategy = NoisedFedAdam(eta=cfg.server_lr, **common)
+    strategy = NoisedFedAdam(eta=cfg.server_lr, tau=FLOWER_TAU, **common)
     strategy.dp = wrap(FedAvg(**common), cfg, num_clients)
+    strategy.noise_multiplier = noise_multiplier(cfg, num_clients)
     return strategy
 
 
@@ -130,7 +167,13 @@ def guarantee(cfg: Config, num_clients: int, rounds: int) -> dict:
                          if cfg.central_clip_quantile > 0 else "fixed"),
             "sample_rate": spent.history[0][1] if spent.history else None, "rounds": rounds,
             "history": [list(h) for h in spent.history], "accountant": "prv",
+            "noise": (f"distributed: each client adds N(0, (σC)²/{cfg.min_train_nodes}) to its clipped update "
+                      "before SecAgg+ masks it; the server adds none and sees only the noised sum"
+                      if cfg.distributed_dp else "central: the server adds N(0, (σC/m)²) to the average"),
             "unit": ("one user's whole history (one user per client: its whole update in every round)"
                      if cfg.partition == "user" else
                      "all of one client's data (its whole update in every round): a silo's users together"),
-            "protects_against": "everyone who sees the released models; assumes the server adds the noise"}
+            "protects_against": ("everyone who sees the released models, the server included, while at least "
+                                 "min-train-nodes clients a round add their share honestly"
+                                 if cfg.distributed_dp else
+                                 "everyone who sees the released models; assumes the server adds the noise")}

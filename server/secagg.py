@@ -31,10 +31,10 @@ from common.flower_compat import (
     MAIN_PARAMS_RECORD,
     FitIns,
     FitRes,
+    FlooredSecAggPlusWorkflow,
     GridClientProxy,
     LegacyContext,
     LegacyStrategy,
-    SecAggPlusWorkflow,
     WorkflowKey,
     arrayrecord_to_parameters,
     parameters_to_ndarrays,
@@ -109,10 +109,11 @@ class SecureGrid(Grid):
         if len(messages) > MAX_CLIENTS:
             raise ConfigError(f"SecAgg+ sums at most {MAX_CLIENTS} clients per round, the round sampled "
                               f"{len(messages)}: lower fraction-train")
-        workflow = SecAggPlusWorkflow(self._cfg.secagg_num_shares, self._cfg.secagg_reconstruction_threshold,
-                                      max_weight=self._weight, clipping_range=CLIPPING_RANGE,
-                                      quantization_range=QUANTIZATION_RANGE, modulus_range=MODULUS_RANGE,
-                                      timeout=timeout)
+        # Never unmask a sum of fewer clients than a round aggregates with (distributed DP's floor).
+        workflow = FlooredSecAggPlusWorkflow(self._cfg.secagg_num_shares, self._cfg.secagg_reconstruction_threshold,
+                                             max_weight=self._weight, clipping_range=CLIPPING_RANGE,
+                                             quantization_range=QUANTIZATION_RANGE, modulus_range=MODULUS_RANGE,
+                                             timeout=timeout, floor=self._cfg.min_train_nodes)
         relay = _Relay(self._grid, messages)
         context = LegacyContext(Context(run_id=self._grid.run.run_id, node_id=0, node_config={},
                                         state=RecordDict(), run_config={}), strategy=relay)

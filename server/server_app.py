@@ -25,7 +25,8 @@ from common.config import Config
 from common.errors import NoProgressError
 from common.federation import Federation, catalogue, federation
 from common.model import build_model
-from server import checkpoint, preflight, secagg, summary
+from common.replies import NOISE_STD
+from server import central_dp, checkpoint, preflight, secagg, summary
 from server.evaluation import HeldOut
 from server.strategy import GuardedStrategy, make_strategy
 
@@ -65,13 +66,15 @@ def run_federated(grid: Grid, cfg: Config) -> dict[str, Any]:
     state = _start(out, cfg, strategy, grid, model, origin)
     # Deployed clients read their own files: they learn the model's item order from the server.
     catalogue_config = ConfigRecord({"items": catalogue(cfg)} if cfg.partition == "devices" else {})
+    shares = {NOISE_STD: central_dp.client_noise_std(cfg, clients)} if cfg.distributed_dp else {}
+    train_config = ConfigRecord({**catalogue_config, **shares})  # distributed DP: each client's noise
     log.info("fedrec: %d clients, %d evaluation users, %d items; most-popular validation NDCG@10 %.4f",
              clients, held_out.num_users, fed.data.num_items, held_out.popularity("valid")["ndcg@10"])
     end_of_round = _RoundEnd(cfg, out, model, held_out, strategy, grid, state, origin)
 
     result = strategy.start(grid=grid, initial_arrays=state["arrays"],
                             num_rounds=cfg.num_server_rounds - state["round"], timeout=cfg.round_timeout,
-                            train_config=catalogue_config, evaluate_config=catalogue_config, evaluate_fn=end_of_round)
+                            train_config=train_config, evaluate_config=catalogue_config, evaluate_fn=end_of_round)
     if state["round"] == 0 and not any(book.get("aggregated") for book in strategy.rounds.values()):
         raise NoProgressError("no round was aggregated: every sampled client declined, failed or was rejected "
                               f"(see {out / artifacts.METRICS if out else 'the round lines'}); the model is untrained, "

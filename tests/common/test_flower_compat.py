@@ -180,3 +180,13 @@ def test_adaptive_clipping_moves_the_norm_the_way_flowers_does_not():
         norms[kind] = strategy.clipping_norm
     assert norms[DifferentialPrivacyClientSideAdaptiveClipping] < 1.0 < norms[fc.AdaptiveClipping]
     assert norms[fc.AdaptiveClipping] == pytest.approx(math.exp(0.2 * 0.5))
+
+
+def test_the_secaggplus_floor_hooks_the_stage_and_state_flower_names() -> None:
+    """FlooredSecAggPlusWorkflow overrides Flower's masked-vector stage and reads the clients it summed."""
+    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+    assert callable(fc.SecAggPlusWorkflow.collect_masked_vectors_stage)
+    assert isinstance(WorkflowState().active_node_ids, set)
+    workflow = fc.FlooredSecAggPlusWorkflow(3, 2, floor=4)
+    assert workflow.floor == 4 and workflow.reconstruction_threshold == 2

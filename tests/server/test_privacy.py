@@ -88,8 +88,11 @@ def test_the_server_optimizer_steps_after_the_central_noise():
     run_server_app(server, InProcessGrid(client, clients, {}))
     step = result["w"]
     first = eta * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)  # Flower's bias-corrected first step (β1 0.9, β2 0.99)
-    assert np.abs(step).max() <= 1.01 * first and np.median(np.abs(step)) >= 0.99 * first
+    assert np.abs(step).max() <= 1.01 * first and np.median(np.abs(step)) > 0
     assert 0.3 < (step < 0).mean() < 0.7  # the noise (std 33 against a mean update of 1) chose the signs
+    # Adam's τ sits at ten times the noise std of the average (σC/m), so noise alone takes small steps
+    assert strategy.inner.tau == pytest.approx(10 * 100.0 * 1.0 / clients)
+    assert np.median(np.abs(step)) < 0.2 * first
     assert set(strategy.inner.m_t) == {"w"}  # Adam's moments exist for the checkpoint
 
 
@@ -254,3 +257,42 @@ def test_adaptive_clipping_that_cannot_reach_the_noise_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="adaptive clipping cannot reach central noise multiplier 1 with 3 clients"):
         simulate(cfg, quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def _one_round_delta(tmp_path, name: str, **settings) -> np.ndarray:
+    """The weights after one round, minus the start, every weight in one vector."""
+    cfg = Config.from_run_config({**SMALL, "dp": False, "central-dp": True, "secagg": True, "central-clip": 0.01,
+                                  "min-train-nodes": 3, "num-server-rounds": 1, "fraction-evaluate": 0.0,
+                                  "out-dir": str(tmp_path / name), **settings})
+    torch.manual_seed(cfg.seed)
+    from common.model import build_model
+    start = build_model(cfg, 30).state_dict()
+    simulate(cfg, quiet=True)
+    end = torch.load(tmp_path / name / "model.pt", weights_only=True)
+    return torch.cat([(end[k] - start[k]).flatten() for k in start]).numpy()
+
+
+def test_distributed_dp_clients_add_the_noise_the_server_would_have(tmp_path):
+    """Three clients each add N(0, (σC)²/3) under SecAgg+: the average's noise is σC/3 per weight,
+    as central DP's, and the server adds none of its own (with it the std would be √2 larger)."""
+    sigma, clip, low = 2.0, 0.01, 0.3  # `low`: the reference run's σ (the accountant needs one > 0)
+    plain = _one_round_delta(tmp_path, "plain", **{"central-noise-multiplier": low})
+    shared = _one_round_delta(tmp_path, "shared", **{"central-noise-multiplier": sigma, "distributed-dp": True})
+    central = _one_round_delta(tmp_path, "central", **{"central-noise-multiplier": sigma})
+    summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
+    expected = np.hypot(sigma, low) * clip / 3  # the two runs' noises are independent
+    assert np.std(shared - plain) == pytest.approx(expected, rel=0.1)
+    assert np.std(central - plain) == pytest.approx(expected, rel=0.1)
+    assert summary["central_dp"]["noise"].startswith("distributed") and "server included" in \
+        summary["central_dp"]["protects_against"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"secagg": False}, "distributed-dp needs central-dp and secagg on"),
+    ({"central-clip-quantile": 0.5}, "fixed clipping"),
+    ({"min-train-nodes": 1}, "distributed-dp needs min-train-nodes >= 2"),
+])
+def test_distributed_dp_needs_secagg_fixed_clipping_and_a_floor_of_survivors(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_run_config({**SMALL, "dp": False, "central-dp": True, "secagg": True, "distributed-dp": True,
+                                "min-train-nodes": 3, **settings})

@@ -6,7 +6,7 @@ so the weighted mean the protocol must reveal is known in closed form.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -38,7 +38,7 @@ def toy_client(out_of_range: int) -> ClientApp:
     return app
 
 
-def secure_round(out_of_range: int = -1) -> tuple[list[Message], InProcessGrid]:
+def secure_round(out_of_range: int = -1, **settings: Any) -> tuple[list[Message], InProcessGrid]:
     grid = InProcessGrid(toy_client(out_of_range), NODES, dict(LOCAL_DP))
     replies: list[Message] = []
     server = ServerApp()
@@ -48,10 +48,20 @@ def secure_round(out_of_range: int = -1) -> tuple[list[Message], InProcessGrid]:
         arrays = ArrayRecord({"w": Array(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4))})
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in grid.get_node_ids()]
-        replies.extend(SecureGrid(grid, Config.from_run_config(LOCAL_DP), weight=NODES).send_and_receive(messages))
+        cfg = Config.from_run_config({**LOCAL_DP, **settings})
+        replies.extend(SecureGrid(grid, cfg, weight=NODES).send_and_receive(messages))
 
     run_server_app(server, grid)
     return replies, grid
+
+
+def test_a_sum_of_fewer_clients_than_min_train_nodes_is_never_unmasked():
+    """One of five clients fails after the keys are shared: four masked vectors reach the server.
+    With min-train-nodes 5 the round ends there, before any mask is removed."""
+    replies, _ = secure_round(2, **{"min-train-nodes": 5})
+    assert replies == []
+    replies, _ = secure_round(2, **{"min-train-nodes": 4})
+    assert len(replies) == 4
 
 
 @pytest.mark.parametrize("out_of_range", [-1, 2])
