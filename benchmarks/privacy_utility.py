@@ -45,8 +45,8 @@ DATASETS = {"ml-100k": {**COMMON, "dataset": "ml-100k", "data-dir": "ml-100k"},
 # device with the norm adapted towards the median update (Andrew et al.), Gaussian noise on the
 # average, and FedAdam stepping on the noised average (post-processing). Non-private (ε = ∞): the
 # same recipe without clipping or noise. Found on Beauty's validation split (tuning record).
-USER_LEVEL = {"partition": "user", "dp": "false", "local-epochs": "1", "optimizer": "sgd", "lr": "1",
-              "server-strategy": "fedadam", "server-lr": "0.1", "fraction-evaluate": "0", "eval-every": "10",
+USER_LEVEL = {"partition": "user", "dp": "false", "central-dp": "false", "local-epochs": "1", "optimizer": "sgd",
+              "lr": "1", "server-strategy": "fedadam", "server-lr": "0.1", "fraction-evaluate": "0", "eval-every": "10",
               "num-server-rounds": "150"}
 USER_DP = {"central-dp": "true", "central-clip": "0.5", "central-clip-quantile": "0.5", "delta": "1e-5"}
 CENTRALIZED = {"ml": CENTRAL_RECIPES["non-private"],

@@ -54,7 +54,8 @@ def audit_run(run: Path) -> tuple[list[Check], Check | None]:
     central = None
     if record["central"].get("enabled"):
         c = record["central"]
-        central = _check("server (central DP)", tuple(tuple(h) for h in c["history"]), c["epsilon"], delta)
+        name = f"server ({'distributed' if cfg.distributed_dp else 'central'} DP: {c.get('unit', 'one client')})"
+        central = _check(name, tuple(tuple(h) for h in c["history"]), c["epsilon"], delta)
     return clients, central
 
 

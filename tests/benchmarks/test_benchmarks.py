@@ -75,4 +75,7 @@ def test_user_level_recipe_is_central_dp_at_the_cohort_asked_for():
     assert settings["central-target-epsilon"] == "8.0"
     assert float(settings["fraction-train"]) * 20000 == 1000
     plain = privacy_utility.recipe("user", math.inf, 1000, 20000)
-    assert "central-dp" not in plain and plain["server-strategy"] == settings["server-strategy"]
+    # ε = ∞ is the same recipe with no clipping and no noise, whatever the run config's defaults are
+    assert (plain["central-dp"], plain["dp"]) == ("false", "false")
+    assert {k: v for k, v in settings.items() if k not in privacy_utility.USER_DP and k != "central-dp"} == {
+        k: v for k, v in plain.items() if k != "central-dp"}
