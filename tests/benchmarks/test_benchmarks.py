@@ -77,5 +77,6 @@ def test_user_level_recipe_is_central_dp_at_the_cohort_asked_for():
     plain = privacy_utility.recipe("user", math.inf, 1000, 20000)
     # ε = ∞ is the same recipe with no clipping and no noise, whatever the run config's defaults are
     assert (plain["central-dp"], plain["dp"]) == ("false", "false")
-    assert {k: v for k, v in settings.items() if k not in privacy_utility.USER_DP and k != "central-dp"} == {
+    private = {*privacy_utility.USER_DP, "central-dp", "central-target-epsilon"}
+    assert {k: v for k, v in settings.items() if k not in private} == {
         k: v for k, v in plain.items() if k != "central-dp"}
