@@ -68,10 +68,10 @@ def run_key(mechanism: str, clients: int, epsilon: float) -> str:
     return f"{mechanism}/{clients}/{epsilon}"
 
 
-def run_dataset(name: str, mechanism: str, clients: int, epsilons: list[float], rounds: int | None,
+def run_dataset(name: str, mechanism: str, clients: int, epsilon: float, rounds: int | None,
                 central_epochs: int | None, stored: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """The federated runs of one data set, and its centralized and popularity references (trained
-    once; later calls reuse the stored ones)."""
+    """One federated run of a data set, added to its stored entry; the centralized and popularity
+    references are trained with the first run and reused after."""
     common = {**DATASETS[name], "data-dir": str(require_shared(DATASETS[name]["data-dir"]))}
     entry = {k: v for k, v in stored.items() if k != "runs"}
     if "centralized_ndcg@10" not in entry:
@@ -84,26 +84,23 @@ def run_dataset(name: str, mechanism: str, clients: int, epsilons: list[float], 
                  "popularity_hr@10": central["popularity_test"]["hr@10"], "mask_history": central["mask_history"],
                  "users": central["users"], "items": central["items"]}
         print(name, "centralized", entry["centralized_ndcg@10"], flush=True)
-    runs = dict(stored.get("runs", {}))
-    for epsilon in epsilons:
-        settings = recipe(mechanism, epsilon, clients, entry["users"])
-        if rounds:
-            settings["num-server-rounds"] = str(rounds)
-        result = run_setting(f"{name} {mechanism} {clients} eps {epsilon}", settings, Path(common["data-dir"]),
-                             workdir, common=common)
-        s, per_round = result["summary"], result["rounds"]
-        private = s["central_dp"] if mechanism == "user" else s["dp"]
-        runs[run_key(mechanism, clients, epsilon)] = {
-            "epsilon_spent": (private["epsilon"] if mechanism == "user" else private["epsilon_max"])
-            if private["enabled"] else None,
-            "test_ndcg@10": s["test"]["ndcg@10"], "test_hr@10": s["test"]["hr@10"],
-            "rounds": len(per_round) - 1,
-            "clients_per_round": sum(r["trained"] for r in per_round[1:]) / (len(per_round) - 1),
-            "seconds_per_round": sum(r["seconds"] for r in per_round[1:]) / (len(per_round) - 1),
-            "peak_mb": result["peak_mb"],
-            "curve": [[r["round"], r["ndcg@10"]] for r in per_round if "ndcg@10" in r]}
-        print(name, mechanism, clients, epsilon, runs[run_key(mechanism, clients, epsilon)]["test_ndcg@10"], flush=True)
-    return {**entry, "runs": runs}
+    settings = recipe(mechanism, epsilon, clients, entry["users"])
+    if rounds:
+        settings["num-server-rounds"] = str(rounds)
+    result = run_setting(f"{name} {mechanism} {clients} eps {epsilon}", settings, Path(common["data-dir"]),
+                         workdir, common=common)
+    s, per_round = result["summary"], result["rounds"]
+    private = s["central_dp"] if mechanism == "user" else s["dp"]
+    run = {"epsilon_spent": (private["epsilon"] if mechanism == "user" else private["epsilon_max"])
+           if private["enabled"] else None,
+           "test_ndcg@10": s["test"]["ndcg@10"], "test_hr@10": s["test"]["hr@10"],
+           "rounds": len(per_round) - 1,
+           "clients_per_round": sum(r["trained"] for r in per_round[1:]) / (len(per_round) - 1),
+           "seconds_per_round": sum(r["seconds"] for r in per_round[1:]) / (len(per_round) - 1),
+           "peak_mb": result["peak_mb"],
+           "curve": [[r["round"], r["ndcg@10"]] for r in per_round if "ndcg@10" in r]}
+    print(name, mechanism, clients, epsilon, run["test_ndcg@10"], flush=True)
+    return {**entry, "runs": {**stored.get("runs", {}), run_key(mechanism, clients, epsilon): run}}
 
 
 def _series(entry: dict[str, Any]) -> dict[tuple[str, int], list[tuple[float, dict[str, Any]]]]:
@@ -204,7 +201,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.datasets:
                 for epsilon in args.epsilons:  # stored after every run: a long benchmark keeps what it measured
-                    results[name] = run_dataset(name, args.mechanism, args.clients, [epsilon], args.rounds,
+                    results[name] = run_dataset(name, args.mechanism, args.clients, epsilon, args.rounds,
                                                 args.central_epochs, results.get(name, {}), Path(tmp))
                     RESULTS.parent.mkdir(parents=True, exist_ok=True)
                     RESULTS.write_text(json.dumps(results, indent=1))
