@@ -24,8 +24,10 @@ from typing import Any
 
 from benchmarks.report import ROOT, merge_rows, require_shared, write_section
 
+# The run config's defaults turn on user-level central DP and FedAdam (the recommended private
+# configuration); these recipes state their own privacy and use FedAvg unless they say otherwise.
 COMMON = {"dataset": "ml-100k", "kcore": "0", "max-len": "50", "embedding-dim": "64", "hidden-dim": "64",
-          "dropout": "0.1", "batch-size": "64"}
+          "dropout": "0.1", "batch-size": "64", "central-dp": "false", "server-strategy": "fedavg"}
 # Recipes (what the trials recorded in BENCHMARKS.md found): cross-device clients hold one to
 # three windows, so local work is one SGD epoch and progress comes from many cheap rounds;
 # cross-silo clients hold ~240 windows and take two Adam epochs a round.

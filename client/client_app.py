@@ -63,13 +63,14 @@ def train_round(msg: Message, context: Context) -> Message:
 
     def local_training(msg: Message, context: Context) -> Message:
         job = ClientJob(data.windows, _seed(cfg.seed, server_round, _client_key(context)), sigma, ledger.history)
-        result = cohort.train(msg.content[ARRAYS], job, cfg, epochs=cfg.local_epochs,
-                              model_of=lambda arrays: _global_model(arrays, cfg, data.num_items))
+        result, arrays = cohort.train(msg.content[ARRAYS], job, cfg, epochs=cfg.local_epochs,
+                                      model_of=lambda arrays: _global_model(arrays, cfg, data.num_items),
+                                      encode=lambda weights: _arrays(weights, cfg, data.num_items))
         if cfg.dp:
             save_ledger(context, ledger.extended(result.history))
         metrics = TrainMetrics(num_examples=len(data.windows), train_loss=result.loss,
                                epsilon=result.epsilon if cfg.dp else 0.0)
-        return train_reply(msg, _arrays(result.weights, cfg, data.num_items), metrics)
+        return train_reply(msg, arrays, metrics)
 
     # Central DP: Flower's mod clips the whole update on the device, before it is sent (the adaptive
     # one also reports whether it clipped, from which the server moves the norm).

@@ -27,13 +27,20 @@ Result = TypeVar("Result")
 _local = threading.local()  # the cohort a ClientApp call's thread belongs to
 
 
+Encode = Callable[[dict[str, torch.Tensor]], ArrayRecord]
+
+
 def train(start: ArrayRecord, job: ClientJob, cfg: Config, *, epochs: int,
-          model_of: Callable[[ArrayRecord], torch.nn.Module]) -> TrainResult:
-    """Train one client from the weights `start`; `model_of` builds the model they load into."""
+          model_of: Callable[[ArrayRecord], torch.nn.Module], encode: Encode) -> tuple[TrainResult, ArrayRecord]:
+    """Train one client from the weights `start`; `model_of` builds the model they load into and
+    `encode` turns the trained weights into the reply's arrays. In a cohort both run on the serving
+    thread, one batch after another: encoding in the calls' own threads made them contend for
+    the GIL, which cost 4× the encoding itself (1,000 Beauty clients: 1.2 against 0.3 ms each)."""
     cohort: _Cohort | None = getattr(_local, "cohort", None)
     if cohort is None:
-        return train_clients(model_of(start), [job], cfg, epochs=epochs)[0]
-    return cohort.submit(_Request(start, job, cfg, epochs, model_of))
+        result = train_clients(model_of(start), [job], cfg, epochs=epochs)[0]
+        return result, encode(result.weights)
+    return cohort.submit(_Request(start, job, cfg, epochs, model_of, encode))
 
 
 def run_together(calls: Sequence[Callable[[], Result]]) -> list[Result]:
@@ -67,7 +74,8 @@ class _Request:
     cfg: Config
     epochs: int
     model_of: Callable[[ArrayRecord], torch.nn.Module]
-    result: TrainResult | None = None
+    encode: Encode
+    result: tuple[TrainResult, ArrayRecord] | None = None
     error: BaseException | None = None
     answered: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -88,7 +96,7 @@ class _Cohort:
         self.waiting: list[_Request] = []
         self.condition = threading.Condition()
 
-    def submit(self, request: _Request) -> TrainResult:
+    def submit(self, request: _Request) -> tuple[TrainResult, ArrayRecord]:
         with self.condition:
             self.waiting.append(request)
             self.condition.notify()
@@ -129,4 +137,7 @@ class _Cohort:
                     request.error = error
                 continue
             for request, result in zip(requests, results, strict=True):
-                request.result = result
+                try:
+                    request.result = result, request.encode(result.weights)
+                except Exception as error:
+                    request.error = error

@@ -170,7 +170,7 @@ def array_view(array: Array) -> np.ndarray:
     if array.stype != "numpy.ndarray":
         return array.numpy()  # raises Flower's own error for another serialisation
     dtype = np.dtype(array.dtype)
-    count = int(np.prod(array.shape, dtype=np.int64))
+    count = math.prod(array.shape)
     start = len(array.data) - count * dtype.itemsize
     if start < 0 or b"'fortran_order': False" not in array.data[:start]:
         return array.numpy()  # a Fortran-ordered (or malformed) array: let NumPy read it
@@ -186,9 +186,15 @@ def array_of(values: np.ndarray) -> Array:
     values are joined to it in one copy.
     """
     values = np.ascontiguousarray(values)
-    header = _npy_header(np.lib.format.dtype_to_descr(values.dtype), values.shape)
-    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray",
-                 data=b"".join((header, values.reshape(-1).view(np.uint8))))
+    descr, name = _dtype_names(values.dtype)
+    header = _npy_header(descr, values.shape)
+    return Array(name, tuple(values.shape), "numpy.ndarray", b"".join((header, values.reshape(-1).view(np.uint8))))
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_names(dtype: np.dtype) -> tuple[str, str]:
+    """The `.npy` header's descr and `str(dtype)`; NumPy builds both afresh each time."""
+    return np.lib.format.dtype_to_descr(dtype), str(dtype)
 
 
 @functools.lru_cache(maxsize=1024)

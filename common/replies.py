@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -16,6 +17,16 @@ ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"  # the reply's records
 NUM_EXAMPLES = "num-examples"  # training windows: what FedAvg weighs a client by
 UNIT_WEIGHT = "unit-weight"  # 1 for every client: under central DP FedAvg averages uniformly by it
 NOISE_STD = "dp-noise-std"  # train config under distributed DP: the std of each client's share of the noise
+
+Record = TypeVar("Record", ArrayRecord, MetricRecord, ConfigRecord)
+
+
+def record_of(message: Message, name: str, kind: type[Record]) -> Record | None:
+    """`message.content[name]` if it is a `kind`, else None. Flower's typed views
+    (`content.metric_records` and the like) rebuild themselves and write every record back on
+    each access, which the server paid several times per reply."""
+    record = message.content.get(name)
+    return record if isinstance(record, kind) else None
 
 
 def weight_key(central_dp: bool) -> str:
@@ -47,7 +58,7 @@ class TrainMetrics:
     @staticmethod
     def declines(reply: Message) -> bool:
         """Whether a reply says it declined, however malformed the rest of its metrics."""
-        record = reply.content.metric_records.get(METRICS, {})
+        record = record_of(reply, METRICS, MetricRecord) or {}
         try:
             return int(record.get("declined", 0)) == 1
         except (TypeError, ValueError):
@@ -56,8 +67,9 @@ class TrainMetrics:
     @classmethod
     def of(cls, reply: Message) -> TrainMetrics | None:
         """The metrics of a reply, or None when they are missing or malformed."""
+        record = record_of(reply, METRICS, MetricRecord)
         try:
-            return cls.from_record(reply.content.metric_records[METRICS])
+            return None if record is None else cls.from_record(record)
         except (KeyError, TypeError, ValueError):
             return None
 

@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedTrimm
 
 from common.config import Config
 from common.flower_compat import array_view, cast_like, seed_flower_sampler
-from common.replies import ARRAYS, TrainMetrics, weight_key
+from common.replies import ARRAYS, TrainMetrics, record_of, weight_key
 from server import central_dp
 
 
@@ -81,6 +81,7 @@ class GuardedStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self.update_norm_factor = update_norm_factor
         self.reference: ArrayRecord | None = None
+        self.global_flat: dict[str, torch.Tensor] = {}  # the reference's values, flat, deserialised once a round
         self.rounds: dict[int, dict[str, Any]] = {}
         # The server's own participation record: node id -> [round, windows] of every round it
         # trained in (declined rounds spend nothing). The privacy audit recomputes each client's
@@ -95,6 +96,7 @@ class GuardedStrategy(Strategy):
         server_round += self.round_offset
         seed_flower_sampler(f"{self.seed}/train/{server_round}")
         self.reference = arrays
+        self.global_flat = {key: torch.from_numpy(array_view(a).copy()).reshape(1, -1) for key, a in arrays.items()}
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.rounds[server_round] = {"sampled": len(messages)}
         return messages
@@ -114,7 +116,7 @@ class GuardedStrategy(Strategy):
 
         def inspect(checked: list[tuple[Message, TrainMetrics]]) -> None:
             batch = [reply for reply, _ in checked]
-            stacks, finite, batch_norms = _inspect(batch, self.reference)
+            stacks, finite, batch_norms = _inspect(batch, self.global_flat)
             rejected["nonfinite"] += int((~finite).sum())
             kept = [i for i in range(len(batch)) if finite[i]]
             norms.extend(batch_norms[kept].tolist())
@@ -205,7 +207,7 @@ class GuardedStrategy(Strategy):
             return "failed"
         if TrainMetrics.declines(reply):
             return "declined"
-        problem = _mismatch(reply.content.array_records.get(ARRAYS), self.reference)
+        problem = _mismatch(record_of(reply, ARRAYS, ArrayRecord), self.reference)
         if problem:
             return problem
         return "metrics" if metrics is None else "valid"
@@ -214,17 +216,18 @@ class GuardedStrategy(Strategy):
 FOLD_BATCH = 32  # replies deserialised, checked and folded together
 
 
-def _inspect(batch: list[Message], reference: ArrayRecord) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
+def _inspect(batch: list[Message], start: dict[str, torch.Tensor]
+             ) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
     """Each key's arrays of the batch stacked (K, *shape), deserialised once; whether each reply
     is finite everywhere; each update's L2 norm over all weights (summed in float64; inf where
-    the reply is not finite)."""
-    arrays = {key: np.stack([array_view(reply.content[ARRAYS][key]) for reply in batch]) for key in reference.keys()}
+    the reply is not finite). `start`: the global weights, flat (1, size), by key."""
+    records = [reply.content[ARRAYS] for reply in batch]
+    arrays = {key: np.stack([array_view(record[key]) for record in records]) for key in start}
     finite = np.ones(len(batch), dtype=bool)
     squared = torch.zeros(len(batch), dtype=torch.float64)
     for key, stack in arrays.items():
         finite &= np.isfinite(stack.reshape(len(batch), -1)).all(1)  # NumPy's: torch's cost 8× more here (measured)
-        start = torch.from_numpy(reference[key].numpy()).reshape(1, -1)
-        update = torch.from_numpy(stack).reshape(len(batch), -1) - start
+        update = torch.from_numpy(stack).reshape(len(batch), -1) - start[key]
         squared += torch.linalg.vector_norm(update, dim=1, dtype=torch.float64).square()
     stacks = {key: torch.from_numpy(stack) for key, stack in arrays.items()}
     return stacks, finite, np.where(finite, squared.sqrt().numpy(), np.inf)

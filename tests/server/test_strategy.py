@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -309,6 +310,6 @@ def test_a_finite_reply_whose_update_overflows_float32_is_not_called_nonfinite()
     metrics = TrainMetrics(num_examples=1, train_loss=0.0, epsilon=0.0)
     replies = [train_reply(instruction, ArrayRecord({"w": a}), metrics)
                for a in (huge, nan)]
-    _, finite, norms = _inspect(replies, reference)
+    _, finite, norms = _inspect(replies, {"w": torch.from_numpy(reference["w"].numpy()).reshape(1, -1)})
     assert finite.tolist() == [True, False]
     assert np.isinf(norms).all()  # the overflowing update has no finite norm either, so any bound rejects it
