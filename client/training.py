@@ -193,21 +193,30 @@ class _Cohort:
         windows = torch.cat([w[p] for w, p in zip(self.windows, picks, strict=True)])
         masks = self._dropout_masks(picks)
         sizes = torch.tensor([len(p) for p in picks])
-        shared = shared or len(self.jobs) == 1
+        alone = len(self.jobs) == 1
+        # Per-window gradients summed per client: DP-SGD's clipped sum, or, without DP, a cohort's
+        # first step, where every client still holds the same weights: the fused LSTM kernel then
+        # runs the forward for all, instead of `vmap` over per-client weights (a cross-device
+        # client's one local step is always this one).
+        per_window = self.dp or (shared and not alone)
+        shared = shared or alone
         losses = torch.zeros(len(windows))
-        summed = {name: torch.zeros_like(p) for name, p in self.params.items()} if self.dp else None
+        summed = {name: torch.zeros_like(p) for name, p in self.params.items()} if per_window else None
         for part in self._parts(windows):
             width = max(int((windows[part] != 0).sum(1).max()), 2)  # the part's longest window, not max-len
             part_masks = None if masks is None else masks[part, :, : width - 1]
             batch = _Part(windows[part, :width], slots[part], part_masks)
             if summed is not None:
-                losses[part] = self._clipped_sum(summed, batch, shared)
+                losses[part] = self._clipped_sum(summed, batch, shared, clip=self.dp)
             else:
-                part_losses = self._losses(batch, shared=len(self.jobs) == 1)
+                part_losses = self._losses(batch, shared=alone)
                 (part_losses / sizes[batch.slots]).sum().backward()
                 losses[part] = part_losses.detach()
-        if summed is not None:
+        if summed is not None and self.dp:
             self._noise(summed)
+        elif summed is not None:  # each client's mean window loss, as the loss the other route backpropagates
+            for name in self.names:
+                self.params[name].grad = summed[name].div_(sizes.clamp(min=1).view(-1, *([1] * (summed[name].dim() - 1))))
         return (torch.zeros(len(self.jobs)).index_add(0, slots, losses) / sizes.clamp(min=1)).tolist()
 
     def _parts(self, windows: torch.Tensor) -> list[torch.Tensor]:
@@ -284,9 +293,10 @@ class _Cohort:
                               shared, detach=False)
         return scores.window_losses()
 
-    def _clipped_sum(self, summed: dict[str, torch.Tensor], batch: _Part, shared: bool) -> torch.Tensor:
-        """Add each window's gradient, clipped to `max_grad_norm`, to its client's sum; return
-        the windows' losses.
+    def _clipped_sum(self, summed: dict[str, torch.Tensor], batch: _Part, shared: bool, clip: bool = True
+                     ) -> torch.Tensor:
+        """Add each window's gradient, clipped to `max_grad_norm` (`clip`), to its client's sum;
+        return the windows' losses.
 
         The output layer's and the embedding's per-window gradients are (N+1, E) each; their norms
         come from (L, L) Gram matrices of the per-position terms instead ("ghost" norms, exact),
@@ -316,10 +326,8 @@ class _Cohort:
             model.private = False
         embedded_grads = embedded_grads * (batch.inputs != 0).unsqueeze(-1)  # the padding row learns nothing
         with torch.no_grad():
-            squared = sum(g.flatten(1).pow(2).sum(1) for g in small_grads.values())
-            squared = squared + scores.outer_squared_norms(upstream, features, embedded_grads, batch.inputs,
-                                                           tied=self.head == OUTER[0])
-            factors = (self.cfg.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
+            factors = self._clip_factors(scores, small_grads, upstream, features, embedded_grads, batch) if clip \
+                else torch.ones(len(batch.windows))
             for name, g in small_grads.items():
                 summed[name].index_add_(0, batch.slots, g * factors.view(-1, *([1] * (g.dim() - 1))))
             weighted = upstream.mul_(factors[rows.window_of_group].unsqueeze(-1))  # (P, R, N+1)
@@ -328,6 +336,14 @@ class _Cohort:
             index = batch.slots.unsqueeze(1) * (self.model.num_items + 1) + batch.inputs
             table.index_add_(0, index.flatten(), (embedded_grads * factors.view(-1, 1, 1)).flatten(0, 1))
         return losses
+
+    def _clip_factors(self, scores: _Scores, small_grads: dict[str, torch.Tensor], upstream: torch.Tensor,
+                      features: torch.Tensor, embedded_grads: torch.Tensor, batch: _Part) -> torch.Tensor:
+        """Opacus's clip factor of each window's gradient, from its exact norm."""
+        squared = sum(g.flatten(1).pow(2).sum(1) for g in small_grads.values())
+        squared = squared + scores.outer_squared_norms(upstream, features, embedded_grads, batch.inputs,
+                                                       tied=self.head == OUTER[0])
+        return (self.cfg.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
 
     def _noise(self, summed: dict[str, torch.Tensor]) -> None:
         """Each client's Gaussian noise (std σ·C, from its own generator) and Opacus's scaling by

@@ -19,13 +19,14 @@ Flower's strategies aggregate a list of every reply of the round: memory grows w
 and the norm bound is known before the replies (`max-update-norm`, or no bound), the guard
 instead folds each reply into a running weighted sum as the grid hands it over, so memory stays
 flat however many clients a round samples. The median-derived bound needs every update of the
-round before it can judge any, so it keeps the list.
+round before it can judge any, so it keeps the list, and then folds the replies within the bound
+the same way (Flower's FedAvg would parse each array's `.npy` header again).
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -171,6 +172,11 @@ class GuardedStrategy(Strategy):
             book["aggregated"] = False
             return None, None
         book["aggregated"] = True
+        if total is None and type(self.inner) is FedAvg:  # the bound needed the round: fold what passed it now
+            total = _WeightedSum(self.inner.weighted_by_key)
+            for start in range(0, len(usable), FOLD_BATCH):
+                batch = usable[start:start + FOLD_BATCH]
+                total.add(_inspect(batch, self.global_flat)[0], [TrainMetrics.of(r) for r in batch], range(len(batch)))
         arrays, metrics = total.result() if total is not None else self.inner.aggregate_train(server_round, usable)
         return cast_like(arrays, self.reference), metrics
 
@@ -243,14 +249,14 @@ class _WeightedSum:
         self.arrays: dict[str, torch.Tensor] = {}
         self.metrics: dict[str, float] = {}
 
-    def add(self, stacks: dict[str, torch.Tensor], metrics: list[TrainMetrics], rows: list[int]) -> None:
+    def add(self, stacks: dict[str, torch.Tensor], metrics: list[TrainMetrics], rows: Sequence[int]) -> None:
         """Fold rows `rows` of the stacked batch, whose replies' metrics are `metrics`."""
         if not rows:
             return
         records = [m.to_record() for m in metrics]
         weights = torch.tensor([float(r[self.weight_key]) for r in records], dtype=torch.float64)
         self.weight += float(weights.sum())
-        picked = torch.tensor(rows)
+        picked = torch.tensor(list(rows))
         for key, stack in stacks.items():
             chosen = stack[picked] if len(rows) < len(stack) else stack
             # (K,) @ (K, size)

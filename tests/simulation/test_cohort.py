@@ -91,6 +91,8 @@ def _assert_same(batched: list[list[Message]], alone: list[list[Message]], atol:
     pytest.param({"dp": True, "noise-multiplier": 1.1, "target-epsilon": 50.0, "local-epochs": 2}, id="dp-2-epochs"),
     pytest.param({"dp": True, "noise-multiplier": 1.1, "target-epsilon": 50.0, "local-epochs": 1,
                   "central-dp": True, "central-clip": 0.05, "central-noise-multiplier": 1.0}, id="dp-central-clipping"),
+    pytest.param({"dp": False, "local-epochs": 1, "central-dp": True, "central-clip": 0.05,
+                  "central-noise-multiplier": 1.0}, id="central-dp-only"),  # the default private configuration
 ])
 def test_batched_round_equals_one_by_one(settings: dict[str, Any], batches: list[int]) -> None:
     run = {**USERS, **settings}
