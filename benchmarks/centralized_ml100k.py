@@ -19,8 +19,8 @@ from simulation.centralized import train_centralized
 # The recipes the benchmark reports: what tuning (recorded in BENCHMARKS.md) found best.
 SETTINGS = {
     "non-private": {"dp": False, "dropout": 0.3, "lr": 0.002, "epochs": 60, "patience": 8},
-    "DP ε=8": {"dp": True, "target-epsilon": 8.0, "delta": 1e-5, "max-grad-norm": 1.0, "batch-size": 512,
-               "lr": 0.01, "dropout": 0.1, "epochs": 15, "patience": 15},
+    "DP ε=8": {"dp": True, "dp-unit": "window", "target-epsilon": 8.0, "delta": 1e-5, "max-grad-norm": 1.0,
+               "batch-size": 512, "lr": 0.01, "dropout": 0.1, "epochs": 15, "patience": 15},
 }
 COMMON = {"dataset": "ml-100k", "kcore": 0, "max-len": 50, "embedding-dim": 64, "hidden-dim": 64,
           "batch-size": 64, "optimizer": "adam"}

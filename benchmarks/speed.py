@@ -38,7 +38,7 @@ DATASETS = {"ml-100k": {"dataset": "ml-100k", "data-dir": "ml-100k"},
 GOALS = {"step": 2.5, "round": 1.2, "ms_per_client": 2.0, "epoch_speedup": 4.0, "ray": 10.0}
 BEFORE = {"beauty": {"epoch_s": 209.0, "round_s": 477.0, "ms_per_client": 21.3, "ratio": 2.28},
           "ml-100k": {"ratio": 3.92}}  # BENCHMARKS.md, commit 233bc3a (one ClientApp call per client)
-DP = {"dp": True, "target-epsilon": 8.0, "delta": 1e-5, "max-grad-norm": 1.0, "batch-size": 256,
+DP = {"dp": True, "dp-unit": "window", "target-epsilon": 8.0, "delta": 1e-5, "max-grad-norm": 1.0, "batch-size": 256,
       "central-dp": False, "server-strategy": "fedavg"}  # local DP-SGD per window, as measured before
 
 

@@ -53,8 +53,9 @@ def train_round(msg: Message, context: Context) -> Message:
     data = _data(cfg, msg, context)
     ledger = load_ledger(context)
     sigma = None
+    population = data.dp_population(cfg)
     if cfg.dp:
-        sigma, rate, steps = round_mechanism(cfg, len(data.windows), _noise_multiplier(cfg, len(data.windows), context))
+        sigma, rate, steps = round_mechanism(cfg, population, _noise_multiplier(cfg, population, context))
         after = ledger.planned(sigma, rate, steps).epsilon(cfg.delta)
         if after > cfg.target_epsilon * (1 + 1e-9):
             spent = ledger.epsilon(cfg.delta)
@@ -62,14 +63,15 @@ def train_round(msg: Message, context: Context) -> Message:
                                               f"{cfg.target_epsilon:g} (spent {spent:.3f})")
 
     def local_training(msg: Message, context: Context) -> Message:
-        job = ClientJob(data.windows, _seed(cfg.seed, server_round, _client_key(context)), sigma, ledger.history)
+        job = ClientJob(data.windows, _seed(cfg.seed, server_round, _client_key(context)), sigma, ledger.history,
+                        data.dp_units(cfg))
         result, arrays = cohort.train(msg.content[ARRAYS], job, cfg, epochs=cfg.local_epochs,
                                       model_of=lambda arrays: _global_model(arrays, cfg, data.num_items),
                                       encode=lambda weights: _arrays(weights, cfg, data.num_items))
         if cfg.dp:
             save_ledger(context, ledger.extended(result.history))
         metrics = TrainMetrics(num_examples=len(data.windows), train_loss=result.loss,
-                               epsilon=result.epsilon if cfg.dp else 0.0)
+                               epsilon=result.epsilon if cfg.dp else 0.0, dp_units=population)
         return train_reply(msg, arrays, metrics)
 
     # Central DP: Flower's mod clips the whole update on the device, before it is sent (the adaptive
@@ -111,14 +113,14 @@ def save_ledger(context: Context, ledger: Ledger) -> None:
         context.state.config_records[LEDGER] = ConfigRecord({"ledger": ledger.to_json()})
 
 
-def _noise_multiplier(cfg: Config, windows: int, context: Context) -> float:
+def _noise_multiplier(cfg: Config, units: int, context: Context) -> float:
     """σ for this client's plan, searched once per run and kept in Context.state: deployed,
     every message runs in a fresh process, and the accountant's search takes seconds."""
     epochs = cfg.num_server_rounds * cfg.local_epochs
-    key = f"{windows}/{epochs}/{cfg.batch_size}/{cfg.target_epsilon}/{cfg.delta}/{cfg.noise_multiplier}"
+    key = f"{cfg.dp_unit}/{units}/{epochs}/{cfg.batch_size}/{cfg.target_epsilon}/{cfg.delta}/{cfg.noise_multiplier}"
     record = context.state.config_records.setdefault(NOISE, ConfigRecord())
     if key not in record:
-        record[key] = noise_multiplier_for(cfg, windows, epochs)
+        record[key] = noise_multiplier_for(cfg, units, epochs)
     return float(record[key])
 
 

@@ -1,10 +1,12 @@
 """Local training of the attention-LSTM, with or without DP-SGD: one implementation for a
 deployed client, a cohort of simulated clients trained at once, and the centralized baseline.
 
-Under DP the privacy unit is one window (see `common.dataset.training_windows`): Poisson
-sampling picks windows, each window's gradient is clipped to `max_grad_norm`, and Gaussian
-noise of std `noise_multiplier * max_grad_norm` is added to the sum, as Opacus's `DPOptimizer`
-does (`tests/client/test_training.py` checks it against Opacus's hooks and optimizer).
+Under DP the privacy unit is one user (`dp-unit`; or one window, see
+`common.dataset.training_windows`): Poisson sampling picks units, the summed gradient of each
+unit's windows is clipped to `max_grad_norm`, and Gaussian noise of std `noise_multiplier *
+max_grad_norm` is added to the sum, as Opacus's `DPOptimizer` does per sample
+(`tests/client/test_training.py` checks the per-window case against Opacus's hooks and optimizer,
+and the per-user case against plain autograd, user by user).
 
 A DP step runs in named stages, as Opacus's optimizer does: sample (`_sample`), per-window
 gradients and clipping (`_clipped_sum`), noise and scaling (`_noise`), then the optimizer step.
@@ -43,6 +45,13 @@ class ClientJob:
     seed: int
     noise_multiplier: float | None = None  # None: no DP
     history: tuple[Mechanism, ...] = ()
+    units: np.ndarray | None = None  # (W,) each window's DP unit (its user, 0..U-1, ordered); None: each window
+
+    def population(self) -> int:
+        """How many units DP-SGD samples from (`batch-size` counts these); windows without DP."""
+        if self.noise_multiplier is None or self.units is None or not len(self.units):
+            return len(self.windows)
+        return int(self.units[-1]) + 1
 
 
 @dataclasses.dataclass
@@ -64,15 +73,17 @@ def train(
     noise_multiplier: float | None = None,
     history: Sequence[Mechanism] = (),
     seed: int = 0,
+    units: np.ndarray | None = None,
     on_epoch_end: Callable[[int, float, float | None], bool] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `windows` (W, max_len+1): one client, or the centralized baseline.
 
-    `noise_multiplier=None` trains without DP, through the same loop. `history` is the privacy
-    spent before this call; the result's history and ε include it. `on_epoch_end(epoch, loss, ε)`
-    sees the model as trained so far and may return True to stop early.
+    `noise_multiplier=None` trains without DP, through the same loop; `units` are the DP units
+    of the windows (`ClientJob.units`). `history` is the privacy spent before this call; the
+    result's history and ε include it. `on_epoch_end(epoch, loss, ε)` sees the model as trained
+    so far and may return True to stop early.
     """
-    job = ClientJob(windows, seed, noise_multiplier, tuple(tuple(h) for h in history))
+    job = ClientJob(windows, seed, noise_multiplier, tuple(tuple(h) for h in history), units)
     with quiet_opacus():
         result = _Cohort(model, [job], cfg).train(epochs, on_epoch_end)[0]
     _load(model, result.weights)
@@ -107,7 +118,7 @@ def _chunks(model: torch.nn.Module, jobs: Sequence[ClientJob], cfg: Config) -> l
     per_chunk = max(1, COHORT_BYTES // size)
     groups: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
-        groups.setdefault(batches_per_epoch(len(job.windows), cfg.batch_size), []).append(i)
+        groups.setdefault(batches_per_epoch(job.population(), cfg.batch_size), []).append(i)
     longest = [int((job.windows != 0).sum(1).max(initial=0)) for job in jobs]
     chunks = []
     for members in groups.values():
@@ -130,10 +141,15 @@ class _Cohort:
                        for name, p in model.named_parameters()}
         self.optimizer = OPTIMIZERS[cfg.optimizer](self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
-        self.steps = batches_per_epoch(len(jobs[0].windows), cfg.batch_size)  # the same for every job (`_chunks`)
-        self.rate = sample_rate(len(jobs[0].windows), cfg.batch_size)
+        self.steps = batches_per_epoch(jobs[0].population(), cfg.batch_size)  # the same for every job (`_chunks`)
+        self.rate = sample_rate(jobs[0].population(), cfg.batch_size)
         self.dp = jobs[0].noise_multiplier is not None
         self.windows = [torch.from_numpy(job.windows) for job in jobs]
+        # Per-user DP: each window's unit (`units`), and numbered apart across the cohort's clients (`owners`).
+        self.units = None if not self.dp or jobs[0].units is None else [
+            torch.from_numpy(job.units.astype(np.int64)) for job in jobs]
+        offsets = np.cumsum([0] + [job.population() for job in jobs])[:-1].tolist()
+        self.owners = None if self.units is None else [u + o for u, o in zip(self.units, offsets, strict=True)]
         self.head = OUTER[1] if OUTER[1] in self.params else OUTER[0]  # the output layer's table (tied: the embedding)
 
     def train(self, epochs: int, on_epoch_end: Callable[[int, float, float | None], bool] | None = None
@@ -175,7 +191,11 @@ class _Cohort:
 
     def _sample(self, c: int, order: torch.Tensor | None, step: int) -> torch.Tensor:
         """The window indices of client c's batch: Poisson under DP (Opacus's
-        `UniformWithReplacementSampler`: each window with probability `sample_rate`), else shuffled."""
+        `UniformWithReplacementSampler`: each unit with probability `sample_rate`, a user with
+        all of its windows), else shuffled."""
+        if self.dp and self.units is not None:
+            chosen = torch.rand(self.jobs[c].population(), generator=self.generators[c]) < self.rate
+            return chosen[self.units[c]].nonzero().flatten()
         if self.dp:
             return (torch.rand(len(self.windows[c]), generator=self.generators[c]) < self.rate).nonzero().flatten()
         return order[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
@@ -191,6 +211,7 @@ class _Cohort:
         """
         slots = torch.cat([torch.full((len(p),), c) for c, p in enumerate(picks)])
         windows = torch.cat([w[p] for w, p in zip(self.windows, picks, strict=True)])
+        owners = None if self.owners is None else torch.cat([u[p] for u, p in zip(self.owners, picks, strict=True)])
         masks = self._dropout_masks(picks)
         sizes = torch.tensor([len(p) for p in picks])
         alone = len(self.jobs) == 1
@@ -202,10 +223,10 @@ class _Cohort:
         shared = shared or alone
         losses = torch.zeros(len(windows))
         summed = {name: torch.zeros_like(p) for name, p in self.params.items()} if per_window else None
-        for part in self._parts(windows):
+        for part in self._parts(windows, owners):
             width = max(int((windows[part] != 0).sum(1).max()), 2)  # the part's longest window, not max-len
             part_masks = None if masks is None else masks[part, :, : width - 1]
-            batch = _Part(windows[part, :width], slots[part], part_masks)
+            batch = _Part(windows[part, :width], slots[part], part_masks, None if owners is None else owners[part])
             if summed is not None:
                 losses[part] = self._clipped_sum(summed, batch, shared, clip=self.dp)
             else:
@@ -216,26 +237,40 @@ class _Cohort:
             self._noise(summed)
         elif summed is not None:  # each client's mean window loss, as the loss the other route backpropagates
             for name in self.names:
-                self.params[name].grad = summed[name].div_(sizes.clamp(min=1).view(-1, *([1] * (summed[name].dim() - 1))))
+                shape = (-1, *([1] * (summed[name].dim() - 1)))
+                self.params[name].grad = summed[name].div_(sizes.clamp(min=1).view(shape))
         return (torch.zeros(len(self.jobs)).index_add(0, slots, losses) / sizes.clamp(min=1)).tolist()
 
-    def _parts(self, windows: torch.Tensor) -> list[torch.Tensor]:
+    def _parts(self, windows: torch.Tensor, owners: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Index sets of windows of similar length, each part as large as `PER_SAMPLE_BYTES`
         allows for what a window holds: its (L, N+1) scores, its per-window gradients of the
         small layers and its (L, L, H) attention energies (a few copies through the backward
         pass). A part's cost is mostly per time step (the LSTM under `vmap`), so short windows
-        go in large parts."""
+        go in large parts. With `owners` (per-user DP) a part holds whole users, users of as many
+        windows together, and a user's scores are held twice more (laid end to end, `_unit_norms`)."""
         small = sum(p[0].numel() for name, p in self.params.items() if name not in OUTER)
         hidden = self.model.lstm.hidden_size
         lengths = (windows != 0).sum(1)
-        order = torch.argsort(lengths, stable=True)
-        parts, start = [], 0
+        if not len(windows):
+            return []
+        if owners is None:
+            order, first = torch.argsort(lengths, stable=True), None
+        else:
+            _, unit, counts = torch.unique(owners, return_inverse=True, return_counts=True)
+            longest = torch.zeros(len(counts), dtype=lengths.dtype).scatter_reduce(0, unit, lengths, "amax")
+            key = (counts[unit] * (lengths.max() + 1) + longest[unit]) * len(counts) + unit
+            order = torch.argsort(key, stable=True)
+            first = torch.ones(len(order), dtype=torch.bool)
+            first[1:] = owners[order][1:] != owners[order][:-1]  # where a user's windows begin
+        copies = 1 if owners is None else 3
+        parts, start, widest = [], 0, 0
         for end, length in enumerate(lengths[order].tolist(), start=1):
-            per_window = 4 * (small + length * (self.model.num_items + 1) + 4 * length * length * hidden)
-            if (end - start) * per_window > PER_SAMPLE_BYTES and end - 1 > start:
+            widest = max(widest, length)
+            per_window = 4 * (small + copies * widest * (self.model.num_items + 1) + 4 * widest * widest * hidden)
+            if (end - start) * per_window > PER_SAMPLE_BYTES and end - 1 > start and (first is None or first[end - 1]):
                 parts.append(order[start:end - 1])
-                start = end - 1
-        return [*parts, order[start:]] if len(order) else []
+                start, widest = end - 1, length
+        return [*parts, order[start:]]
 
     def _dropout_masks(self, picks: list[torch.Tensor]) -> torch.Tensor | None:
         """(W, 2, max_len, E) masks for the two dropout layers, each client's from its own generator."""
@@ -339,11 +374,17 @@ class _Cohort:
 
     def _clip_factors(self, scores: _Scores, small_grads: dict[str, torch.Tensor], upstream: torch.Tensor,
                       features: torch.Tensor, embedded_grads: torch.Tensor, batch: _Part) -> torch.Tensor:
-        """Opacus's clip factor of each window's gradient, from its exact norm."""
-        squared = sum(g.flatten(1).pow(2).sum(1) for g in small_grads.values())
-        squared = squared + scores.outer_squared_norms(upstream, features, embedded_grads, batch.inputs,
-                                                       tied=self.head == OUTER[0])
-        return (self.cfg.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
+        """Opacus's clip factor of each window's gradient, from its unit's exact norm: the
+        window's own, or (per-user DP) that of the sum over its user's windows."""
+        tied = self.head == OUTER[0]
+        if batch.owners is None:
+            squared = sum(g.flatten(1).pow(2).sum(1) for g in small_grads.values())
+            squared = squared + scores.outer_squared_norms(upstream, features, embedded_grads, batch.inputs, tied)
+            return (self.cfg.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
+        _, unit = torch.unique(batch.owners, return_inverse=True)
+        squared = _unit_norms(unit, small_grads, scores.by_window(upstream), features, embedded_grads, batch.inputs,
+                              tied)
+        return (self.cfg.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)[unit]
 
     def _noise(self, summed: dict[str, torch.Tensor]) -> None:
         """Each client's Gaussian noise (std σ·C, from its own generator) and Opacus's scaling by
@@ -363,8 +404,8 @@ class _Cohort:
         workers = min(torch.get_num_threads(), len(self.jobs))
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(draw, [range(w, len(self.jobs), workers) for w in range(workers)]))
-        # Opacus: len(data) x rate
-        expected = torch.tensor([float(int(len(job.windows) / self.steps)) for job in self.jobs])
+        # Opacus: len(data) x rate, in units
+        expected = torch.tensor([float(int(job.population() / self.steps)) for job in self.jobs])
         for name in self.names:
             self.params[name].grad = summed[name].div_(expected.view(-1, *([1] * (summed[name].dim() - 1))))
 
@@ -379,6 +420,7 @@ class _Part:
     windows: torch.Tensor  # (W, L+1)
     slots: torch.Tensor  # (W,)
     masks: torch.Tensor | None  # (W, 2, L, E)
+    owners: torch.Tensor | None = None  # (W,) each window's DP unit, numbered across the cohort; None: itself
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -404,7 +446,7 @@ class _Rows:
         self.longest = int(per_group.max()) if len(per_group) else 0
         self.targets = batch.targets[self.window, self.position]
         self.counts = real.sum(1).clamp(min=1)  # targets per window
-        self.num_windows = len(batch.windows)
+        self.num_windows, self.num_positions = real.shape
         self.window_of_group = torch.zeros(len(self.clients), self.longest, dtype=torch.long)
         self.window_of_group[self.group, self.rank] = self.window
 
@@ -439,22 +481,57 @@ class _Scores:
         (one table when tied: their sum), from Gram matrices over the window's positions;
         `upstream` is `output_gradient()`."""
         rows = self.rows
-        same_item = (inputs.unsqueeze(2) == inputs.unsqueeze(1)) & (inputs != 0).unsqueeze(2)
-        squared = ((embedded_grads @ embedded_grads.transpose(1, 2)) * same_item).sum((1, 2))
         if len(rows.clients) == rows.num_windows:  # one window per client: row r of a group is position r
             order = rows.window_of_group[:, 0]  # each group's window
-            by_window, scored = upstream, self.features  # (W', R, N+1), (W', R, E) in group order
-            inputs, embedded_grads = inputs[order], embedded_grads[order]
-        else:
-            order = None
-            by_window = upstream.new_zeros(rows.num_windows, inputs.shape[1], upstream.shape[-1])  # (W, L, N+1)
-            by_window[rows.window, rows.position] = upstream[rows.group, rows.rank]
-            scored = features
-        outer = ((by_window @ by_window.transpose(1, 2)) * (scored @ scored.transpose(1, 2))).sum((1, 2))
-        if tied:  # the cross term between the two uses of one table
-            at_inputs = torch.gather(by_window, 2, inputs.unsqueeze(1).expand(-1, by_window.shape[1], -1))
-            outer = outer + 2 * (at_inputs * (scored @ embedded_grads.transpose(1, 2))).sum((1, 2))
-        return squared + (outer if order is None else torch.zeros_like(outer).index_copy(0, order, outer))
+            squared = _table_norms(upstream, self.features, inputs[order], embedded_grads[order], tied)
+            return torch.zeros_like(squared).index_copy(0, order, squared)
+        return _table_norms(self.by_window(upstream), features, inputs, embedded_grads, tied)
+
+    def by_window(self, upstream: torch.Tensor) -> torch.Tensor:
+        """`upstream` (P, R, N+1) laid out by window and position (W, L, N+1), zero where no target is."""
+        rows = self.rows
+        by_window = upstream.new_zeros(rows.num_windows, rows.num_positions, upstream.shape[-1])
+        by_window[rows.window, rows.position] = upstream[rows.group, rows.rank]
+        return by_window
+
+
+def _table_norms(by_window: torch.Tensor, scored: torch.Tensor, inputs: torch.Tensor, embedded_grads: torch.Tensor,
+                 tied: bool) -> torch.Tensor:
+    """Per window (first dimension), the squared norm of the gradient of the output layer
+    (d loss / d logits `by_window` (W, R, N+1) at features `scored` (W, R, E)) and of the
+    embedding (`embedded_grads` (W, L, E) at items `inputs` (W, L)): Gram matrices over its positions."""
+    same_item = (inputs.unsqueeze(2) == inputs.unsqueeze(1)) & (inputs != 0).unsqueeze(2)
+    squared = ((embedded_grads @ embedded_grads.transpose(1, 2)) * same_item).sum((1, 2))
+    squared = squared + ((by_window @ by_window.transpose(1, 2)) * (scored @ scored.transpose(1, 2))).sum((1, 2))
+    if tied:  # the cross term between the two uses of one table
+        at_inputs = torch.gather(by_window, 2, inputs.unsqueeze(1).expand(-1, by_window.shape[1], -1))
+        squared = squared + 2 * (at_inputs * (scored @ embedded_grads.transpose(1, 2))).sum((1, 2))
+    return squared
+
+
+def _unit_norms(unit: torch.Tensor, small_grads: dict[str, torch.Tensor], by_window: torch.Tensor,
+                features: torch.Tensor, embedded_grads: torch.Tensor, inputs: torch.Tensor, tied: bool
+                ) -> torch.Tensor:
+    """Per unit (`unit` (W,): each window's, 0..K-1), the squared norm of its windows' summed
+    gradient. The small layers' gradients are summed per unit; for the two tables, a unit's
+    windows are laid end to end as one long window, whose Gram matrices hold every pair of
+    positions across them."""
+    count = int(unit.max()) + 1
+    squared = sum(torch.zeros(count, *g.shape[1:]).index_add_(0, unit, g).flatten(1).pow(2).sum(1)
+                  for g in small_grads.values())
+    order = torch.argsort(unit, stable=True)
+    per_unit = torch.bincount(unit, minlength=count)
+    rank = torch.empty_like(unit)
+    rank[order] = torch.arange(len(unit)) - (torch.cumsum(per_unit, 0) - per_unit)[unit[order]]
+    longest = int(per_unit.max())
+
+    def end_to_end(x: torch.Tensor) -> torch.Tensor:  # (W, L, ...) -> (K, longest·L, ...)
+        laid = x.new_zeros(count, longest, *x.shape[1:])
+        laid[unit, rank] = x
+        return laid.flatten(1, 2)
+
+    return squared + _table_norms(end_to_end(by_window), end_to_end(features), end_to_end(inputs),
+                                  end_to_end(embedded_grads), tied)
 
 
 def _one_window(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
@@ -479,7 +556,9 @@ def _epsilon(accountant: PRVAccountant | None, delta: float) -> float | None:
     return Ledger(tuple(tuple(h) for h in accountant.history)).epsilon(delta) if accountant else None
 
 
-def dp_unit(max_len: int) -> str:
+def dp_unit(cfg: Config) -> str:
     """What DP-SGD protects here, stated in README and in every summary.json."""
-    return (f"one training window: at most {max_len + 1} consecutive interactions of one user "
-            f"(the model reads {max_len} and predicts each next one)")
+    if cfg.dp_unit == "user":
+        return "one user's whole history (every training window of the user, clipped together)"
+    return (f"one training window: at most {cfg.max_len + 1} consecutive interactions of one user "
+            f"(the model reads {cfg.max_len} and predicts each next one)")

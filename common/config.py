@@ -23,6 +23,7 @@ STRATEGIES = ("fedavg", "fedadam")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 ATTACKS = ("none", "scale", "sign-flip", "random", "nan", "target")
 OPTIMIZERS = ("adam", "sgd")
+DP_UNITS = ("user", "window")  # what local DP-SGD samples, clips and protects
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "ml-latest", "seq", "inter", "csv")
 SEED_LIMIT = 2**32  # what np.random.seed accepts, and within torch.manual_seed's range
 # Sizes far beyond any data set or device (a model with these would not fit in memory): refused
@@ -84,6 +85,7 @@ class Config:
     out_dir: str
     resume: bool
     dp: bool
+    dp_unit: str
     noise_multiplier: float
     target_epsilon: float
     delta: float
@@ -108,7 +110,7 @@ class Config:
         self._check_numbers()
         _check(self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         for name, allowed in (("partition", PARTITIONS), ("server_strategy", STRATEGIES), ("optimizer", OPTIMIZERS),
-                              ("aggregation", AGGREGATIONS), ("attack", ATTACKS)):
+                              ("aggregation", AGGREGATIONS), ("attack", ATTACKS), ("dp_unit", DP_UNITS)):
             _check(getattr(self, name) in allowed,
                    f"{_key(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("num_server_rounds", "num_clients", "local_epochs", "eval_every", "server_lr", "skew_alpha",

@@ -28,7 +28,7 @@ from common.loaders import Loaded, read_interactions, read_titles
 from common.synthetic import generate
 
 __all__ = ["DataError", "Sequences", "SequenceData", "clean", "load_dataset", "train_part", "eval_examples",
-           "training_windows", "window_counts", "item_index", "popularity", "stats", "cache_root"]
+           "training_windows", "window_counts", "window_users", "item_index", "popularity", "stats", "cache_root"]
 
 MIN_SEQUENCE = 3       # leave-one-out needs one training item, a validation and a test target
 CACHE_VERSION = 1      # bump when cleaning changes, so old cache entries are not reused
@@ -400,6 +400,13 @@ def item_index(data: SequenceData, raw_id: str) -> int:
     if not len(matches):
         raise DataError(f"item {raw_id!r} is not an item of the data set")
     return int(matches[0]) + 1
+
+
+def window_users(sequences: Sequences, max_len: int) -> np.ndarray:
+    """The user of each of `training_windows`' rows, numbered 0..U-1 over the users that have a
+    window: the DP unit of user-level DP-SGD."""
+    counts = window_counts(sequences, max_len)
+    return np.repeat(np.cumsum(counts > 0) - 1, counts)
 
 
 def window_counts(sequences: Sequences, max_len: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from common.dataset import (
     load_dataset,
     training_windows,
     window_counts,
+    window_users,
 )
 from common.errors import DataError
 from common.memo import cached
@@ -36,11 +37,22 @@ class Federation:
 
 @dataclasses.dataclass(frozen=True)
 class ClientData:
-    """What one client holds: its training windows and its users' validation examples."""
+    """What one client holds: its training windows, the user of each (0..U-1, the users that
+    have a window) and its users' validation examples."""
 
     windows: np.ndarray
+    users: np.ndarray  # (W,)
     valid: tuple[np.ndarray, np.ndarray, np.ndarray]
     num_items: int
+
+    def dp_units(self, cfg: Config) -> np.ndarray | None:
+        """What local DP-SGD samples and clips: each window's user (`dp-unit = user`), or None
+        (each window is its own unit)."""
+        return self.users if cfg.dp_unit == "user" else None
+
+    def dp_population(self, cfg: Config) -> int:
+        """How many units local DP-SGD samples from: the client's users, or its windows."""
+        return int(self.users[-1]) + 1 if cfg.dp_unit == "user" and len(self.users) else len(self.windows)
 
 
 @cached(2)
@@ -115,7 +127,8 @@ def client_data(cfg: Config, partition_id: int) -> ClientData:
 
 
 def _derived(sequences: Sequences, max_len: int, num_items: int) -> ClientData:
-    return ClientData(training_windows(sequences, max_len), eval_examples(sequences, "valid", max_len), num_items)
+    return ClientData(training_windows(sequences, max_len), window_users(sequences, max_len),
+                      eval_examples(sequences, "valid", max_len), num_items)
 
 
 def client_windows(fed: Federation, max_len: int) -> list[int]:
@@ -123,6 +136,14 @@ def client_windows(fed: Federation, max_len: int) -> list[int]:
     the server knows of the clients' sizes before any round (SecAgg+'s weight bound, the DP plan)."""
     counts = window_counts(fed.data.sequences, max_len)
     return [int(counts[users].sum()) for users in fed.clients]
+
+
+def client_dp_populations(fed: Federation, cfg: Config) -> list[int]:
+    """Each simulated client's number of DP units (`ClientData.dp_population`), without cutting windows."""
+    if cfg.dp_unit == "window":
+        return client_windows(fed, cfg.max_len)
+    counts = window_counts(fed.data.sequences, cfg.max_len)
+    return [int((counts[users] > 0).sum()) for users in fed.clients]
 
 
 def evaluation_users(cfg: Config) -> np.ndarray:

@@ -126,26 +126,27 @@ def _digest(body: list) -> str:
     return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
 
-def batches_per_epoch(num_windows: int, batch_size: int) -> int:
-    """Steps in one epoch, as many as a plain loader's batches."""
-    return math.ceil(num_windows / batch_size)
+def batches_per_epoch(num_units: int, batch_size: int) -> int:
+    """Steps in one epoch over `num_units` DP units (users or windows, `dp-unit`), as many as a
+    plain loader's batches."""
+    return math.ceil(num_units / batch_size)
 
 
-def sample_rate(num_windows: int, batch_size: int) -> float:
-    """The probability that a DP step samples a given window, the q of the ledger: 1 / batches per
+def sample_rate(num_units: int, batch_size: int) -> float:
+    """The probability that a DP step samples a given unit, the q of the ledger: 1 / batches per
     epoch, as Opacus's `DPDataLoader` sets it. The one definition that sampling, the accountant,
     the budget check, the σ search and the server's participation record all use, so that ε is
     computed for the steps that ran."""
-    return 1 / batches_per_epoch(num_windows, batch_size)
+    return 1 / batches_per_epoch(num_units, batch_size)
 
 
-def noise_multiplier_for(cfg: Config, num_windows: int, epochs: int) -> float:
+def noise_multiplier_for(cfg: Config, num_units: int, epochs: int) -> float:
     """σ from the config: given outright, or the smallest that keeps `epochs` under target ε
     at the rate and steps training will run (`sample_rate`, `batches_per_epoch`)."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    return _searched_noise_multiplier(cfg.target_epsilon, cfg.delta, sample_rate(num_windows, cfg.batch_size),
-                                      epochs * batches_per_epoch(num_windows, cfg.batch_size))
+    return _searched_noise_multiplier(cfg.target_epsilon, cfg.delta, sample_rate(num_units, cfg.batch_size),
+                                      epochs * batches_per_epoch(num_units, cfg.batch_size))
 
 
 @cached(1024)
@@ -162,15 +163,15 @@ def _searched_noise_multiplier(target_epsilon: float, delta: float, rate: float,
         )
 
 
-def round_mechanism(cfg: Config, num_windows: int, sigma: float | None = None) -> Mechanism:
-    """What one federated round of local DP-SGD spends on a client of `num_windows` windows: σ for
+def round_mechanism(cfg: Config, num_units: int, sigma: float | None = None) -> Mechanism:
+    """What one federated round of local DP-SGD spends on a client of `num_units` DP units: σ for
     its whole plan (every round, `local-epochs` each; `sigma` when the caller already knows it), at
     its sample rate, for the round's steps. The client trains with it; the server recomputes it
-    from the windows the client reports, for its own participation record."""
+    from the units the client reports, for its own participation record."""
     if sigma is None:
-        sigma = noise_multiplier_for(cfg, num_windows, cfg.num_server_rounds * cfg.local_epochs)
-    return (float(sigma), sample_rate(num_windows, cfg.batch_size),
-            cfg.local_epochs * batches_per_epoch(num_windows, cfg.batch_size))
+        sigma = noise_multiplier_for(cfg, num_units, cfg.num_server_rounds * cfg.local_epochs)
+    return (float(sigma), sample_rate(num_units, cfg.batch_size),
+            cfg.local_epochs * batches_per_epoch(num_units, cfg.batch_size))
 
 
 def compressed(history: Iterable[Mechanism]) -> tuple[Mechanism, ...]:
@@ -185,7 +186,7 @@ def compressed(history: Iterable[Mechanism]) -> tuple[Mechanism, ...]:
 
 
 def check_plan(cfg: Config, plans: Iterable[tuple[int, int]]) -> None:
-    """Refuse DP training that cannot keep its promise, before it starts; each plan is (windows,
+    """Refuse DP training that cannot keep its promise, before it starts; each plan is (DP units,
     epochs) and the most expensive one must fit:
     - more DP steps than fedrec accounts (`MAX_STEPS`: PRV's cost grows with the steps, seconds at
       10^5 and minutes beyond 10^6, so the accountant would seem to hang);

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"  # the reply's records
 NUM_EXAMPLES = "num-examples"  # training windows: what FedAvg weighs a client by
 UNIT_WEIGHT = "unit-weight"  # 1 for every client: under central DP FedAvg averages uniformly by it
+DP_UNITS = "dp-units"
 NOISE_STD = "dp-noise-std"  # train config under distributed DP: the std of each client's share of the noise
 
 Record = TypeVar("Record", ArrayRecord, MetricRecord, ConfigRecord)
@@ -44,16 +45,18 @@ class TrainMetrics:
     epsilon: float
     declined: bool = False
     unit_weight: int = 1
+    dp_units: int = 0  # the units local DP-SGD sampled from (users or windows): what the server audits ε by
 
     def to_record(self) -> MetricRecord:
         return MetricRecord({NUM_EXAMPLES: self.num_examples, "train-loss": self.train_loss,
-                             "epsilon": self.epsilon, "declined": int(self.declined), UNIT_WEIGHT: self.unit_weight})
+                             "epsilon": self.epsilon, "declined": int(self.declined), UNIT_WEIGHT: self.unit_weight,
+                             DP_UNITS: self.dp_units})
 
     @classmethod
     def from_record(cls, record: MetricRecord) -> TrainMetrics:
         """Raises KeyError for a missing field, ValueError/TypeError for one of the wrong type."""
         return cls(int(record[NUM_EXAMPLES]), float(record["train-loss"]), float(record["epsilon"]),
-                   bool(int(record["declined"])), int(record[UNIT_WEIGHT]))
+                   bool(int(record["declined"])), int(record[UNIT_WEIGHT]), int(record[DP_UNITS]))
 
     @staticmethod
     def declines(reply: Message) -> bool:

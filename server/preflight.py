@@ -9,7 +9,7 @@ with an untrained model and no clear word why.
 from __future__ import annotations
 
 from common.config import Config, ConfigError
-from common.federation import Federation, client_windows
+from common.federation import Federation, client_dp_populations
 from common.privacy import check_plan
 from server.central_dp import sampled_per_round
 
@@ -30,4 +30,4 @@ def check(cfg: Config, fed: Federation, clients: int) -> None:
                           "--min-train-nodes, or choose another --aggregation")
     if cfg.dp:
         epochs = cfg.num_server_rounds * cfg.local_epochs
-        check_plan(cfg, [(windows, epochs) for windows in set(client_windows(fed, cfg.max_len))])
+        check_plan(cfg, [(units, epochs) for units in set(client_dp_populations(fed, cfg))])

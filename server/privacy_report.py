@@ -1,7 +1,8 @@
 """`fedrec privacy`: what a run spent, recomputed, so nobody has to take a number on trust.
 
 The evidence is the server's own participation record (`participation.json`: every round each
-client trained in, and on how many windows). From it and the run's settings the audit recomputes
+client trained in, and on how many DP units, users or windows by `dp-unit`). From it and the
+run's settings the audit recomputes
 the mechanism every client ran and its ε, with fedrec's accountant (Opacus PRV) and an
 independent one (Google's `dp-accounting`, PLD). It then checks, client by client, that
 - the client's ledger exists (a simulation copies them under `<run>/ledgers/`; deployed, each
@@ -60,8 +61,8 @@ def audit_run(run: Path) -> tuple[list[Check], Check | None]:
 
 
 def recorded_history(cfg: Config, entries: list[list[int]]) -> tuple[Mechanism, ...]:
-    """The mechanisms a client ran, as the server recorded its rounds: [round, windows] each."""
-    return compressed(round_mechanism(cfg, windows) for _, windows in sorted(entries))
+    """The mechanisms a client ran, as the server recorded its rounds: [round, DP units] each."""
+    return compressed(round_mechanism(cfg, units) for _, units in sorted(entries))
 
 
 def _client(cfg: Config, node: str, entries: list[list[int]] | None, ledger_path: Path | None,

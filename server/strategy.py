@@ -12,7 +12,7 @@ strategies: coordinate-wise median, trimmed mean, Krum, Multi-Krum, Bulyan. The 
   round's norm bound (`max-update-norm`, or `update-norm-factor` times the round's median norm),
 - skips aggregation when fewer than `min-train-nodes` usable replies came back,
 - keeps per-round bookkeeping (counts, mean train loss, clients' ε, norms) for metrics.jsonl, and
-  the participation record (who trained in which round, on how many windows) for the privacy audit.
+  the participation record (who trained in which round, on how many DP units) for the privacy audit.
 
 Flower's strategies aggregate a list of every reply of the round: memory grows with the clients
 (22,000 Beauty clients would hold about 36 GB of weights). When the aggregation is plain FedAvg
@@ -84,7 +84,7 @@ class GuardedStrategy(Strategy):
         self.reference: ArrayRecord | None = None
         self.global_flat: dict[str, torch.Tensor] = {}  # the reference's values, flat, deserialised once a round
         self.rounds: dict[int, dict[str, Any]] = {}
-        # The server's own participation record: node id -> [round, windows] of every round it
+        # The server's own participation record: node id -> [round, DP units] of every round it
         # trained in (declined rounds spend nothing). The privacy audit recomputes each client's
         # ε from it, independently of the ledgers the clients keep.
         self.participation: dict[int, list[list[int]]] = {}
@@ -141,7 +141,7 @@ class GuardedStrategy(Strategy):
                 epsilons[reply.metadata.src_node_id] = metrics.epsilon
                 if kind != "declined":
                     self.participation.setdefault(reply.metadata.src_node_id, []).append(
-                        [server_round, metrics.num_examples])
+                        [server_round, metrics.dp_units])
             if kind == "declined":
                 declined += 1
             elif kind in rejected:

@@ -60,6 +60,6 @@ def _local_dp(cfg: Config, epsilons: list[float]) -> dict[str, Any]:
     return {"enabled": True, "epsilon_max": max(epsilons, default=0.0),
             "epsilon_median": statistics.median(epsilons) if epsilons else 0.0,
             "clients_accounted": len(epsilons), "delta": cfg.delta, "target_epsilon": cfg.target_epsilon,
-            "unit": dp_unit(cfg.max_len), "scope": "local DP-SGD on each client (per client, per window)",
+            "unit": dp_unit(cfg), "scope": f"local DP-SGD on each client (per client, per {cfg.dp_unit})",
             "protects_against": "everyone, the server included: each client adds its own noise",
             "accountant": "prv"}

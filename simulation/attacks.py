@@ -96,4 +96,5 @@ def _fake_training(cfg: Config, message: Message, partition: int, target: int) -
     model.load_state_dict(message.content[ARRAYS].to_torch_state_dict())
     result = train(model, windows, dataclasses.replace(cfg, dp=False), epochs=cfg.local_epochs, seed=partition)
     return train_reply(message, ArrayRecord(model.state_dict()),
-                       TrainMetrics(num_examples=len(windows), train_loss=result.loss, epsilon=0.0))
+                       TrainMetrics(num_examples=len(windows), train_loss=result.loss, epsilon=0.0,
+                                    dp_units=data.dp_population(cfg)))

@@ -17,7 +17,7 @@ import torch
 from client.training import dp_unit, train
 from common import artifacts
 from common.config import Config
-from common.dataset import SequenceData, eval_examples, load_dataset, popularity, training_windows
+from common.dataset import SequenceData, eval_examples, load_dataset, popularity, training_windows, window_users
 from common.metrics import evaluate_model, evaluate_popularity
 from common.model import build_model
 from common.privacy import check_plan, noise_multiplier_for
@@ -36,8 +36,10 @@ def train_centralized(
     test = eval_examples(data.sequences, "test", cfg.max_len)
     torch.manual_seed(cfg.seed)  # the initial weights too: PyTorch seeds each process at random
     model = build_model(cfg, data.num_items)
-    check_plan(cfg, [(len(windows), cfg.epochs)])
-    sigma = noise_multiplier_for(cfg, len(windows), cfg.epochs) if cfg.dp else None
+    units = window_users(data.sequences, cfg.max_len) if cfg.dp_unit == "user" else None
+    population = len(windows) if units is None else int(units[-1]) + 1
+    check_plan(cfg, [(population, cfg.epochs)])
+    sigma = noise_multiplier_for(cfg, population, cfg.epochs) if cfg.dp else None
 
     with artifacts.staged_output(out) as stage:
         artifacts.write_json(stage / artifacts.CONFIG, cfg.to_run_config())
@@ -58,7 +60,7 @@ def train_centralized(
             clock[0] = time.perf_counter()
             return epoch - best["epoch"] >= cfg.patience
 
-        result = train(model, windows, cfg, epochs=cfg.epochs, noise_multiplier=sigma, seed=cfg.seed,
+        result = train(model, windows, cfg, epochs=cfg.epochs, noise_multiplier=sigma, seed=cfg.seed, units=units,
                        on_epoch_end=end_of_epoch)
         model.load_state_dict(best.pop("state"))
         summary = {
@@ -90,4 +92,4 @@ def _privacy(cfg: Config, sigma: float | None, epsilon: float | None) -> dict[st
     if sigma is None:
         return {"enabled": False}
     return {"enabled": True, "epsilon": epsilon, "delta": cfg.delta, "noise_multiplier": sigma,
-            "max_grad_norm": cfg.max_grad_norm, "unit": dp_unit(cfg.max_len), "accountant": "prv"}
+            "max_grad_norm": cfg.max_grad_norm, "unit": dp_unit(cfg), "accountant": "prv"}

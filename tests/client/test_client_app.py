@@ -123,8 +123,9 @@ def test_dp_train_reply(dp_run):
     assert any(not np.array_equal(arrays[k].numpy(), initial[k].numpy()) for k in initial.keys())  # it trained
 
     metrics = reply.content["metrics"]
-    assert set(metrics) == {"num-examples", "train-loss", "epsilon", "declined", "unit-weight"}
+    assert set(metrics) == {"num-examples", "train-loss", "epsilon", "declined", "unit-weight", "dp-units"}
     assert metrics["num-examples"] == len(client_data(cfg, 0).windows) > 0
+    assert metrics["dp-units"] == client_data(cfg, 0).dp_population(cfg) > 0
     assert metrics["declined"] == 0
     assert np.isfinite(metrics["train-loss"]) and metrics["train-loss"] > 0
     assert metrics["epsilon"] > 0
@@ -132,7 +133,7 @@ def test_dp_train_reply(dp_run):
 
 def test_epsilon_grows_over_rounds_and_matches_the_stored_ledger(dp_run):
     cfg = Config.from_run_config(DP)
-    batches = batches_per_epoch(len(client_data(cfg, 0).windows), cfg.batch_size)
+    batches = batches_per_epoch(client_data(cfg, 0).dp_population(cfg), cfg.batch_size)
     epsilons = [float(r.content["metrics"]["epsilon"]) for r in dp_run["replies"]]
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2] < cfg.target_epsilon
     for server_round, (eps, ledger) in enumerate(zip(epsilons, dp_run["ledgers"], strict=True), start=1):

@@ -160,3 +160,67 @@ def test_private_gradients_of_an_empty_batch_are_noise_only(cfg):
     generator = torch.Generator().manual_seed(1)
     expected = torch.normal(0.0, 2.0, size=model.item_embedding.weight.shape, generator=generator)
     assert torch.allclose(cohort.params["item_embedding.weight"].grad[0], expected / 8)
+
+
+def _users(num_windows: int) -> np.ndarray:
+    """Each window's user: users of one to three consecutive windows."""
+    sizes = np.resize([1, 3, 2, 1, 2], num_windows)
+    return np.repeat(np.arange(len(sizes)), sizes)[:num_windows]
+
+
+def _per_user_reference(windows: torch.Tensor, users: np.ndarray, clip: float, expected_batch: int):
+    """The reference for user-level DP-SGD: each user's summed window losses through plain
+    autograd, its whole gradient clipped to `clip`, summed over users, scaled (no noise)."""
+    total = None
+    for user in np.unique(users):
+        model = _model()
+        window_losses(model, windows[torch.from_numpy(users == user)]).sum().backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        norm = torch.cat([g.flatten() for g in grads.values()]).norm()
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = {k: g * factor + (0 if total is None else total[k]) for k, g in grads.items()}
+    return {k: v / expected_batch for k, v in total.items()}
+
+
+# one part or several (each holding whole users); two clients through their own weights (gathered)
+@pytest.mark.parametrize("chunk,clients,shared", [(10**9, 1, True), (40_000, 1, True), (10**9, 2, False)])
+def test_user_level_gradients_clip_each_users_sum(monkeypatch, cfg, chunk, clients, shared):
+    monkeypatch.setattr(client.training, "PER_SAMPLE_BYTES", chunk)
+    clip = 0.05
+    cfg = Config.from_run_config({**cfg.to_run_config(), "max-grad-norm": clip, "batch-size": 3})
+    windows = [torch.from_numpy(_windows()[1 + 20 * c:1 + 20 * c + 11]) for c in range(clients)]
+    users = [_users(11) for _ in range(clients)]
+    jobs = [ClientJob(w.numpy(), 5 + c, 0.0, (), u) for c, (w, u) in enumerate(zip(windows, users, strict=True))]
+    assert jobs[0].population() == 7
+    cohort = _Cohort(_model(), jobs, cfg)
+    cohort._step([torch.arange(len(w)) for w in windows], shared=shared)
+    expected_batch = int(7 / batches_per_epoch(7, 3))  # in users
+    for c in range(clients):
+        reference = _per_user_reference(windows[c], users[c], clip, expected_batch)
+        for name, p in cohort.params.items():
+            assert torch.allclose(p.grad[c], reference[name], rtol=1e-4, atol=1e-6), (c, name)
+
+
+def test_user_level_with_one_window_per_user_is_the_per_window_step(cfg):
+    cfg = Config.from_run_config({**cfg.to_run_config(), "max-grad-norm": 0.05, "batch-size": 3})
+    windows = _windows()[:9]
+    steps = []
+    for units in (None, np.arange(9)):
+        cohort = _Cohort(_model(), [ClientJob(windows, 3, 1.1, (), units)], cfg)
+        cohort._step([torch.arange(9)], shared=True)
+        steps.append({name: p.grad.clone() for name, p in cohort.params.items()})
+    for name in steps[0]:
+        assert torch.allclose(steps[0][name], steps[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_user_level_sampling_takes_whole_users_at_the_users_rate(cfg):
+    cfg = Config.from_run_config({**cfg.to_run_config(), "batch-size": 3})
+    windows, users = _windows()[:60], _users(60)
+    result = train(_model(), windows, cfg, epochs=1, noise_multiplier=1.0, units=users)
+    population = int(users[-1]) + 1
+    assert result.history == [(1.0, sample_rate(population, 3), batches_per_epoch(population, 3))]
+    cohort = _Cohort(_model(), [ClientJob(windows, 4, 1.0, (), users)], cfg)
+    for step in range(20):
+        picked = cohort._sample(0, None, step).numpy()
+        for user in np.unique(users[picked]):  # all of a sampled user's windows, none of the others'
+            assert set(np.flatnonzero(users == user)) <= set(picked)

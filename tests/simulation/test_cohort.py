@@ -113,8 +113,9 @@ def test_batched_round_equals_one_by_one(settings: dict[str, Any], batches: list
 
 
 def test_declines_and_ledgers_match_over_rounds(batches: list[int]) -> None:
-    """A fixed σ and a small budget: clients whose single batch costs the most decline in later rounds."""
-    run = {**USERS, "dp": True, "noise-multiplier": 1.5, "target-epsilon": 5.0, "local-epochs": 1}
+    """A fixed σ and a small budget: clients whose single batch costs the most decline in later rounds
+    (per window: a one-user client samples its one user at q = 1, so every client costs the same per user)."""
+    run = {**USERS, "dp": True, "dp-unit": "window", "noise-multiplier": 1.5, "target-epsilon": 5.0, "local-epochs": 1}
     batched, alone = _round(run, cohort_size=64, rounds=3), _round(run, cohort_size=1, rounds=3)
     _assert_same(batched, alone)
     declined = [sum(TrainMetrics.of(m).declined for m in replies) for replies in alone]
