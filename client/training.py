@@ -113,7 +113,11 @@ PER_SAMPLE_BYTES = 2**26  # per-window gradients and scores held at once
 
 def _chunks(model: torch.nn.Module, jobs: Sequence[ClientJob], cfg: Config) -> list[list[int]]:
     """Clients that can step together (as many steps per epoch), in memory-bounded chunks,
-    each chunk of similar window lengths so that little of its padding is computed."""
+    each chunk of similar window lengths so that little of its padding is computed.
+
+    Without DP, a client of several batches trains alone: after the first step each client's
+    weights are its own, and `vmap` over per-client weights costs more than the fused kernel
+    on one client's full batches (ml-100k's 10 silos: 4.2 s a round alone against 11.6 s together)."""
     size = 4 * sum(p.numel() for p in model.parameters()) * (4 if cfg.optimizer == "adam" else 2)
     per_chunk = max(1, COHORT_BYTES // size)
     groups: dict[int, list[int]] = {}
@@ -121,9 +125,10 @@ def _chunks(model: torch.nn.Module, jobs: Sequence[ClientJob], cfg: Config) -> l
         groups.setdefault(batches_per_epoch(job.population(), cfg.batch_size), []).append(i)
     longest = [int((job.windows != 0).sum(1).max(initial=0)) for job in jobs]
     chunks = []
-    for members in groups.values():
+    for steps, members in groups.items():
         members.sort(key=lambda i: longest[i])
-        chunks += [members[s:s + per_chunk] for s in range(0, len(members), per_chunk)]
+        size = 1 if steps > 1 and jobs[members[0]].noise_multiplier is None else per_chunk
+        chunks += [members[s:s + size] for s in range(0, len(members), size)]
     return chunks
 
 

@@ -54,13 +54,14 @@ MaxLen = Annotated[Optional[int], _opt("max-len", "Items of history the model re
 Seed = Annotated[Optional[int], _opt("seed", "Seed of data generation, partitioning and training")]
 Out = Annotated[Path, typer.Option(help="Folder for config.json, metrics.jsonl, summary.json, model.pt")]
 # Options shared by the training commands.
-BatchSize = Annotated[Optional[int], _opt("batch-size", "Windows per batch (expected size under DP)")]
+BatchSize = Annotated[Optional[int], _opt("batch-size", "Windows per batch (under DP: expected units)")]
 Lr = Annotated[Optional[float], _opt("lr", "Learning rate")]
 Dp = Annotated[Optional[bool], _opt("dp", "DP-SGD (Opacus) on every training step", "--dp/--no-dp")]
+DpUnit = Annotated[Optional[str], _opt("dp-unit", "What DP-SGD samples, clips and protects: user or window")]
 NoiseMultiplier = Annotated[Optional[float], _opt("noise-multiplier", "DP noise σ (0: derive from --target-epsilon)")]
 TargetEpsilon = Annotated[Optional[float], _opt("target-epsilon", "DP budget ε for all of training")]
 Delta = Annotated[Optional[float], _opt("delta", "DP δ")]
-MaxGradNorm = Annotated[Optional[float], _opt("max-grad-norm", "DP per-window clipping norm")]
+MaxGradNorm = Annotated[Optional[float], _opt("max-grad-norm", "DP clipping norm of each unit's gradient")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress lines")]
 EmbeddingDim = Annotated[Optional[int], _opt("embedding-dim", "Item embedding width")]
 HiddenDim = Annotated[Optional[int], _opt("hidden-dim", "LSTM width")]
@@ -95,6 +96,7 @@ def train_command(
     dropout: Dropout = None,
     weight_decay: WeightDecay = None,
     dp: Dp = None,
+    dp_unit: DpUnit = None,
     noise_multiplier: NoiseMultiplier = None,
     target_epsilon: TargetEpsilon = None,
     delta: Delta = None,
@@ -150,6 +152,7 @@ def simulate_command(
     holdout_users: Annotated[Optional[float], _opt("holdout-users",
                                                    "Share of users kept out of training for the server")] = None,
     dp: Dp = None,
+    dp_unit: DpUnit = None,
     noise_multiplier: NoiseMultiplier = None,
     target_epsilon: TargetEpsilon = None,
     delta: Delta = None,
