@@ -225,7 +225,7 @@ def main() -> None:
         "FedAdam on the server, each update clipped on the device to an adaptive norm, Gaussian noise on the "
         "average; ε for one user's whole history, δ = 1e-5, over all rounds, accounted with PRV); non-private "
         "(ε = ∞): the same recipe without clipping or noise. Cross-silo user-level local DP: `SILO` (the users "
-        "dealt to the silos at random, every silo every round, one local Adam epoch of user-level DP-SGD: Poisson "
+        "dealt to the silos at random, every silo every round, one local SGD epoch of user-level DP-SGD: Poisson "
         "sampling of users, each user's summed gradient clipped to 1, noise per silo; ε for each user, δ = 1e-5); "
         "'clients a round' is then the silos. Local DP per window: the cross-device recipe of the "
         "MovieLens 100K section (10 rounds under DP). Centralized: non-private, the same model. Amazon sets: "

@@ -238,12 +238,16 @@ class _Cohort:
                 part_losses = self._losses(batch, shared=alone)
                 (part_losses / sizes[batch.slots]).sum().backward()
                 losses[part] = part_losses.detach()
-        if summed is not None and self.dp:
-            self._noise(summed)
-        elif summed is not None:  # each client's mean window loss, as the loss the other route backpropagates
+        if summed is not None:
+            if self.dp:
+                self._noise(summed)
+            # DP-SGD's scaling by the expected batch (Opacus: len(data) x rate, in units); without
+            # DP each client's mean window loss, as the loss the other route backpropagates
+            scale = torch.tensor([float(int(job.population() / self.steps)) for job in self.jobs]) if self.dp \
+                else sizes.clamp(min=1)
             for name in self.names:
                 shape = (-1, *([1] * (summed[name].dim() - 1)))
-                self.params[name].grad = summed[name].div_(sizes.clamp(min=1).view(shape))
+                self.params[name].grad = summed[name].div_(scale.view(shape))
         return (torch.zeros(len(self.jobs)).index_add(0, slots, losses) / sizes.clamp(min=1)).tolist()
 
     def _parts(self, windows: torch.Tensor, owners: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -383,17 +387,17 @@ class _Cohort:
         window's own, or (per-user DP) that of the sum over its user's windows."""
         tied = self.head == OUTER[0]
         if batch.owners is None:
+            unit = torch.arange(len(batch.windows))
             squared = sum(g.flatten(1).pow(2).sum(1) for g in small_grads.values())
             squared = squared + scores.outer_squared_norms(upstream, features, embedded_grads, batch.inputs, tied)
-            return (self.cfg.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
-        _, unit = torch.unique(batch.owners, return_inverse=True)
-        squared = _unit_norms(unit, small_grads, scores.by_window(upstream), features, embedded_grads, batch.inputs,
-                              tied)
+        else:
+            _, unit = torch.unique(batch.owners, return_inverse=True)
+            squared = _unit_norms(unit, small_grads, scores.by_window(upstream), features, embedded_grads,
+                                  batch.inputs, tied)
         return (self.cfg.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)[unit]
 
     def _noise(self, summed: dict[str, torch.Tensor]) -> None:
-        """Each client's Gaussian noise (std σ·C, from its own generator) and Opacus's scaling by
-        the expected batch size; the result is the client's DP-SGD gradient."""
+        """Each client's Gaussian noise (std σ·C, from its own generator), added to its clipped sum."""
         stds = [job.noise_multiplier * self.cfg.max_grad_norm for job in self.jobs]
 
         def draw(clients: range) -> None:
@@ -409,10 +413,6 @@ class _Cohort:
         workers = min(torch.get_num_threads(), len(self.jobs))
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(draw, [range(w, len(self.jobs), workers) for w in range(workers)]))
-        # Opacus: len(data) x rate, in units
-        expected = torch.tensor([float(int(job.population() / self.steps)) for job in self.jobs])
-        for name in self.names:
-            self.params[name].grad = summed[name].div_(expected.view(-1, *([1] * (summed[name].dim() - 1))))
 
 
 OUTER = ("item_embedding.weight", "head.weight")  # the (N+1, E) tables; head.weight only when untied
