@@ -42,7 +42,7 @@ AMAZON = {"kcore": "0", "max-len": "50", "embedding-dim": "32", "hidden-dim": "3
 DATASETS = {"ml-100k": {**COMMON, "dataset": "ml-100k", "data-dir": "ml-100k"},
             "ml-latest-small": {**COMMON, "dataset": "ml-latest-small", "data-dir": "ml-latest-small"},
             "beauty": {**AMAZON, "dataset": "seq", "data-dir": "seqrec/s3rec/Beauty.txt"},
-            "sports": {**AMAZON, "dataset": "seq", "data-dir": "seqrec/s3rec/Sports.txt"}}
+            "sports": {**AMAZON, "dataset": "seq", "data-dir": "seqrec/s3rec/Sports_and_Outdoors.txt"}}
 # User-level DP-FedAvg (McMahan et al., 2018): one local SGD epoch, the update clipped on the
 # device with the norm adapted towards the median update (Andrew et al.), Gaussian noise on the
 # average, and FedAdam stepping on the noised average (post-processing). Non-private (ε = ∞): the

@@ -20,6 +20,7 @@ accountant counts the privacy spent; its "ghost" clipping refuses tied weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from opacus.accountants import PRVAccountant
 from torch.func import functional_call, grad, vmap
 
 from common.config import Config
+from common.dataset import window_inputs, window_targets
 from common.privacy import Ledger, Mechanism, batches_per_epoch, quiet_opacus, sample_rate
 
 # Adam suits long runs (centralized training); plain SGD suits a federated client's few steps
@@ -170,6 +172,7 @@ class _Cohort:
                 picks = [self._sample(c, orders[c], step) for c in range(len(self.jobs))]
                 self.optimizer.zero_grad(set_to_none=True)
                 step_losses = self._step(picks, shared=epoch == 1 and step == 0)
+                self._schedule(((epoch - 1) * self.steps + step) / (epochs * self.steps))
                 self.optimizer.step()
                 for c, (pick, accountant) in enumerate(zip(picks, accountants, strict=True)):
                     if accountant is not None:
@@ -186,6 +189,12 @@ class _Cohort:
                             [tuple(h) for h in accountants[c].history] if accountants[c] else list(job.history),
                             _epsilon(accountants[c], self.cfg.delta), self._weights(c))
                 for c, job in enumerate(self.jobs)]
+
+    def _schedule(self, done: float) -> None:
+        """The learning rate for the step at fraction `done` of training (`lr-schedule`)."""
+        if self.cfg.lr_schedule == "cosine":
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
 
     def _accountant(self, job: ClientJob) -> PRVAccountant | None:
         if job.noise_multiplier is None:
@@ -427,13 +436,13 @@ class _Part:
     masks: torch.Tensor | None  # (W, 2, L, E)
     owners: torch.Tensor | None = None  # (W,) each window's DP unit, numbered across the cohort; None: itself
 
-    @property
+    @functools.cached_property
     def inputs(self) -> torch.Tensor:
-        return self.windows[:, :-1]
+        return window_inputs(self.windows)
 
-    @property
+    @functools.cached_property
     def targets(self) -> torch.Tensor:
-        return self.windows[:, 1:]
+        return window_targets(self.windows)
 
 
 class _Rows:

@@ -23,6 +23,7 @@ STRATEGIES = ("fedavg", "fedadam")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 ATTACKS = ("none", "scale", "sign-flip", "random", "nan", "target")
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 DP_UNITS = ("user", "window")  # what local DP-SGD samples, clips and protects
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "ml-latest", "seq", "inter", "csv")
 SEED_LIMIT = 2**32  # what np.random.seed accepts, and within torch.manual_seed's range
@@ -43,6 +44,7 @@ class Config:
     kcore: int
     min_rating: float
     max_len: int
+    window_stride: int
     mask_history: bool
     seed: int
     csv_sep: str
@@ -65,6 +67,7 @@ class Config:
     weight_decay: float
     patience: int
     optimizer: str
+    lr_schedule: str
     num_server_rounds: int
     partition: str
     num_clients: int
@@ -110,7 +113,8 @@ class Config:
         self._check_numbers()
         _check(self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         for name, allowed in (("partition", PARTITIONS), ("server_strategy", STRATEGIES), ("optimizer", OPTIMIZERS),
-                              ("aggregation", AGGREGATIONS), ("attack", ATTACKS), ("dp_unit", DP_UNITS)):
+                              ("lr_schedule", LR_SCHEDULES), ("aggregation", AGGREGATIONS), ("attack", ATTACKS),
+                              ("dp_unit", DP_UNITS)):
             _check(getattr(self, name) in allowed,
                    f"{_key(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("num_server_rounds", "num_clients", "local_epochs", "eval_every", "server_lr", "skew_alpha",
@@ -126,6 +130,11 @@ class Config:
             _check(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
         for name in ("kcore", "patience", "min_rating", "weight_decay", "noise_multiplier"):
             _check(getattr(self, name) >= 0, f"{_key(name)} must be >= 0, got {getattr(self, name)}")
+        _check(0 <= self.window_stride <= self.max_len,
+               f"window-stride must be from 0 (max-len) to max-len ({self.max_len}), got {self.window_stride}")
+        _check(not self.dp or self.dp_unit == "user" or self.stride == self.max_len,
+               f"dp-unit = window needs window-stride 0 or max-len ({self.max_len}): overlapping windows share "
+               f"items, so one window's ε would not bound what a user's overlapping windows reveal together")
         _check(self.synthetic_min_len >= 3, "synthetic-min-len must be >= 3 (leave-one-out needs 3 items)")
         _check(self.synthetic_max_len >= self.synthetic_min_len, "synthetic-max-len must be >= synthetic-min-len")
         _check(self.synthetic_groups <= self.synthetic_items, "synthetic-groups must be <= synthetic-items")
@@ -170,6 +179,11 @@ class Config:
                "attacks are simulated by the in-process engine only, not with deployed clients")
         _check(not self.dp or self.target_epsilon > 0,
                "with dp on, target-epsilon must be > 0: it is the budget every client keeps to")
+
+    @property
+    def stride(self) -> int:
+        """Items between the ends of a user's training windows (`window-stride`, 0: max-len)."""
+        return self.window_stride or self.max_len
 
     def _check_numbers(self) -> None:
         """NaN, infinities, a seed out of range and absurd sizes fail late and obscurely (NaN scores,

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -27,8 +27,12 @@ from common.errors import DataError
 from common.loaders import Loaded, read_interactions, read_titles
 from common.synthetic import generate
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["DataError", "Sequences", "SequenceData", "clean", "load_dataset", "train_part", "eval_examples",
-           "training_windows", "window_counts", "window_users", "item_index", "popularity", "stats", "cache_root"]
+           "training_windows", "window_inputs", "window_targets", "window_counts", "window_users", "item_index",
+           "popularity", "stats", "cache_root"]
 
 MIN_SEQUENCE = 3       # leave-one-out needs one training item, a validation and a test target
 CACHE_VERSION = 1      # bump when cleaning changes, so old cache entries are not reused
@@ -374,24 +378,44 @@ def eval_examples(sequences: Sequences, split: Literal["valid", "test"],
             sequences.items[sequences.offsets[:-1] + sizes])
 
 
-def training_windows(sequences: Sequences, max_len: int) -> np.ndarray:
+def training_windows(sequences: Sequences, max_len: int, stride: int | None = None) -> np.ndarray:
     """Training examples: int64 (W, max_len + 1), right-padded with 0.
 
-    One example (the unit differential privacy protects) is one window: up to max_len + 1
-    consecutive items of one user's training part (`train_part`). The model reads window[:-1] and
-    predicts window[1:] at every non-pad position. Windows are cut from the END of the training
-    part (the most recent items fill whole windows, the oldest window may be short) and
-    consecutive windows share exactly one item, so every training item but the first is a
-    target exactly once. Windows with fewer than 2 items are dropped. Rows are ordered by user,
-    then oldest window first. E.g. training part 1..7 with max_len 3 gives [1,2,3,4], [4,5,6,7].
+    One window is up to max_len + 1 consecutive items of one user's training part (`train_part`).
+    The model reads window[:-1] (`window_inputs`) and predicts window[1:] (`window_targets`) at
+    every position whose target counts. Windows end at the END of the training part and every
+    `stride` items before it (default max_len), the oldest starting at the part's first item;
+    each window counts only its last `stride` targets (the oldest all of its own), so every
+    training item but the first is a target exactly once, and with a stride below max_len it
+    sees at least max_len - stride items of history (RecBole's every-prefix training, paid once
+    per target at the output layer). A target that does not count is stored negated: the item is
+    still read as an input. Windows with fewer than 2 items are dropped; rows are ordered by
+    user, then oldest window first. E.g. training part 1..7 with max_len 3 gives [1,2,3,4],
+    [4,5,6,7]; with stride 2 it gives [1,2,3,0], [2,-3,4,5], [4,-5,6,7].
     """
+    stride = max_len if stride is None else stride
     sizes = _train_sizes(sequences)
-    counts = _window_counts(sizes, max_len)
+    counts = _window_counts(sizes, max_len, stride)
     user = np.repeat(np.arange(len(sizes)), counts)
     oldest_first = np.arange(len(user)) - np.repeat(np.cumsum(counts) - counts, counts)
-    ends = sizes[user] - (counts[user] - 1 - oldest_first) * max_len
+    ends = sizes[user] - (counts[user] - 1 - oldest_first) * stride
     starts = np.maximum(ends - (max_len + 1), 0)
-    return _gather(sequences.items, sequences.offsets[user] + starts, ends - starts, max_len + 1)
+    windows = _gather(sequences.items, sequences.offsets[user] + starts, ends - starts, max_len + 1)
+    counted_from = np.where(oldest_first == 0, 0, ends - stride) - starts  # first counted target's column
+    context = (np.arange(max_len + 1)[None, :] < counted_from[:, None])
+    context[:, 0] = False  # the first column is never a target
+    return np.where(context, -windows, windows)
+
+
+def window_inputs(windows: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """What the model reads of `training_windows`' rows: (W, L+1) -> (W, L) item ids."""
+    return abs(windows[:, :-1])
+
+
+def window_targets(windows: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """The targets that count, 0 elsewhere (padding, and the history a later stride re-reads)."""
+    targets = windows[:, 1:]
+    return targets * (targets > 0)
 
 
 def item_index(data: SequenceData, raw_id: str) -> int:
@@ -402,20 +426,22 @@ def item_index(data: SequenceData, raw_id: str) -> int:
     return int(matches[0]) + 1
 
 
-def window_users(sequences: Sequences, max_len: int) -> np.ndarray:
+def window_users(sequences: Sequences, max_len: int, stride: int | None = None) -> np.ndarray:
     """The user of each of `training_windows`' rows, numbered 0..U-1 over the users that have a
     window: the DP unit of user-level DP-SGD."""
-    counts = window_counts(sequences, max_len)
+    counts = window_counts(sequences, max_len, stride)
     return np.repeat(np.cumsum(counts > 0) - 1, counts)
 
 
-def window_counts(sequences: Sequences, max_len: int) -> np.ndarray:
+def window_counts(sequences: Sequences, max_len: int, stride: int | None = None) -> np.ndarray:
     """How many windows `training_windows` cuts from each user, without cutting them."""
-    return _window_counts(_train_sizes(sequences), max_len)
+    return _window_counts(_train_sizes(sequences), max_len, max_len if stride is None else stride)
 
 
-def _window_counts(sizes: np.ndarray, max_len: int) -> np.ndarray:
-    return np.where(sizes >= 2, (sizes - 2) // max_len + 1, 0)  # windows end at n, n - max_len, ... >= 2
+def _window_counts(sizes: np.ndarray, max_len: int, stride: int) -> np.ndarray:
+    # windows end at n, n - stride, ... down to the first that starts at the part's first item
+    beyond = np.maximum(sizes - max_len - 1, 0)
+    return np.where(sizes >= 2, 1 + (beyond + stride - 1) // stride, 0)
 
 
 def popularity(sequences: Sequences, num_items: int) -> np.ndarray:

@@ -91,7 +91,7 @@ def local_client_data(cfg: Config, path: str, fmt: str, items: list[str]) -> Cli
     sequences = known.subset(np.flatnonzero(known.lengths >= MIN_SEQUENCE))
     if not sequences:
         raise DataError(f"{path}: no user has 3 or more interactions with items the server knows")
-    return _derived(sequences, cfg.max_len, len(items))
+    return holder_data(sequences, cfg, len(items))
 
 
 def write_device_files(cfg: Config, out: Path, clients: int) -> list[Path]:
@@ -123,26 +123,29 @@ def client_data(cfg: Config, partition_id: int) -> ClientData:
     fed = federation(cfg)
     if not 0 <= partition_id < len(fed.clients):
         raise ValueError(f"partition-id {partition_id} out of range: the run has {len(fed.clients)} clients")
-    return _derived(fed.data.sequences.subset(fed.clients[partition_id]), cfg.max_len, fed.data.num_items)
+    return holder_data(fed.data.sequences.subset(fed.clients[partition_id]), cfg, fed.data.num_items)
 
 
-def _derived(sequences: Sequences, max_len: int, num_items: int) -> ClientData:
-    return ClientData(training_windows(sequences, max_len), window_users(sequences, max_len),
-                      eval_examples(sequences, "valid", max_len), num_items)
+def holder_data(sequences: Sequences, cfg: Config, num_items: int) -> ClientData:
+    """What whoever holds `sequences` trains on and validates with: a client, or the
+    centralized baseline holding everyone."""
+    return ClientData(training_windows(sequences, cfg.max_len, cfg.stride),
+                      window_users(sequences, cfg.max_len, cfg.stride),
+                      eval_examples(sequences, "valid", cfg.max_len), num_items)
 
 
-def client_windows(fed: Federation, max_len: int) -> list[int]:
+def client_windows(fed: Federation, cfg: Config) -> list[int]:
     """Each simulated client's number of training windows, counted without cutting them: what
     the server knows of the clients' sizes before any round (SecAgg+'s weight bound, the DP plan)."""
-    counts = window_counts(fed.data.sequences, max_len)
+    counts = window_counts(fed.data.sequences, cfg.max_len, cfg.stride)
     return [int(counts[users].sum()) for users in fed.clients]
 
 
 def client_dp_populations(fed: Federation, cfg: Config) -> list[int]:
     """Each simulated client's number of DP units (`ClientData.dp_population`), without cutting windows."""
     if cfg.dp_unit == "window":
-        return client_windows(fed, cfg.max_len)
-    counts = window_counts(fed.data.sequences, cfg.max_len)
+        return client_windows(fed, cfg)
+    counts = window_counts(fed.data.sequences, cfg.max_len, cfg.stride)
     return [int((counts[users] > 0).sum()) for users in fed.clients]
 
 

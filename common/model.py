@@ -31,6 +31,7 @@ from opacus.layers import DPLSTM
 from torch import nn
 
 from common.config import Config
+from common.dataset import window_inputs, window_targets
 from common.errors import DataError
 from common.metrics import top_k_items
 
@@ -210,12 +211,12 @@ def window_losses(
 ) -> torch.Tensor:
     """Each window's mean next-item cross-entropy: (B, L+1) -> (B,).
 
-    A window is read as inputs window[:, :-1] and targets window[:, 1:]; padding targets (0) do
-    not count. With `select`, logits are computed only where a target is real; under `vmap`
-    (one window at a time, no data-dependent shapes) every position is scored and padding is
-    ignored in the loss instead, which gives the same values.
+    A window is read as `window_inputs` and `window_targets`; padding and the history a later
+    stride re-reads (target 0) do not count. With `select`, logits are computed only where a
+    target is real; under `vmap` (one window at a time, no data-dependent shapes) every position
+    is scored and padding is ignored in the loss instead, which gives the same values.
     """
-    inputs, targets = windows[:, :-1], windows[:, 1:]
+    inputs, targets = window_inputs(windows), window_targets(windows)
     real = targets != 0
     counts = real.sum(1).clamp(min=1)
     if select:

@@ -51,6 +51,8 @@ DataDir = Annotated[Optional[str], _opt("data-dir",
 Kcore = Annotated[Optional[int], _opt("kcore", "Keep users and items with at least N interactions (0 disables)")]
 MinRating = Annotated[Optional[float], _opt("min-rating", "Keep ratings >= this as implicit feedback (0 keeps all)")]
 MaxLen = Annotated[Optional[int], _opt("max-len", "Items of history the model reads")]
+WindowStride = Annotated[Optional[int], _opt(
+    "window-stride", "A training window every this many items (below max-len: overlapping, more history per target)")]
 Seed = Annotated[Optional[int], _opt("seed", "Seed of data generation, partitioning and training")]
 Out = Annotated[Path, typer.Option(help="Folder for config.json, metrics.jsonl, summary.json, model.pt")]
 # Options shared by the training commands.
@@ -85,12 +87,14 @@ def train_command(
     kcore: Kcore = None,
     min_rating: MinRating = None,
     max_len: MaxLen = None,
+    window_stride: WindowStride = None,
     seed: Seed = None,
     mask_history: MaskHistory = None,
     epochs: Annotated[Optional[int], _opt("epochs", "Most epochs (early stopping on validation NDCG@10)")] = None,
     batch_size: BatchSize = None,
     lr: Lr = None,
     patience: Annotated[Optional[int], _opt("patience", "Epochs without validation gain before stopping")] = None,
+    lr_schedule: Annotated[Optional[str], _opt("lr-schedule", "constant, or cosine (to 0 over --epochs)")] = None,
     embedding_dim: EmbeddingDim = None,
     hidden_dim: HiddenDim = None,
     dropout: Dropout = None,
@@ -128,6 +132,7 @@ def simulate_command(
     kcore: Kcore = None,
     min_rating: MinRating = None,
     max_len: MaxLen = None,
+    window_stride: WindowStride = None,
     seed: Seed = None,
     mask_history: MaskHistory = None,
     rounds: Annotated[Optional[int], _opt("num-server-rounds", "Federated rounds")] = None,

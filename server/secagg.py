@@ -54,7 +54,7 @@ def max_weight(cfg: Config, fed: Federation) -> float:
         return cfg.secagg_max_weight
     if cfg.central_dp:
         return 1.0  # every client weighs the same
-    return float(max(client_windows(fed, cfg.max_len)))
+    return float(max(client_windows(fed, cfg)))
 
 
 def summary(cfg: Config) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def _fake_training(cfg: Config, message: Message, partition: int, target: int) -
     """Train, without DP, on the client's windows with every second item replaced by `target` (a model id)."""
     data = client_data(cfg, partition)
     windows = data.windows.copy()
-    windows[:, 1::2] = np.where(windows[:, 1::2] > 0, target, 0)
+    windows[:, 1::2] = np.sign(windows[:, 1::2]) * target  # padding stays 0, history-only items stay negated
     model = build_model(cfg, data.num_items)
     model.load_state_dict(message.content[ARRAYS].to_torch_state_dict())
     result = train(model, windows, dataclasses.replace(cfg, dp=False), epochs=cfg.local_epochs, seed=partition)

@@ -80,3 +80,21 @@ def test_user_level_recipe_is_central_dp_at_the_cohort_asked_for():
     private = {*privacy_utility.USER_DP, "central-dp", "central-target-epsilon"}
     assert {k: v for k, v in settings.items() if k not in private} == {
         k: v for k, v in plain.items() if k != "central-dp"}
+
+
+def test_accuracy_reports_both_protocols_of_the_model_it_trained():
+    """One smoke run (synthetic, 2 epochs): the table shows what the run measured, the data set's
+    own protocol first, and the run's own protocol is what `fedrec train` reports as its test."""
+    import benchmarks.accuracy as accuracy
+
+    done = accuracy.run("ml-100k", 0, None, smoke=True)
+    assert done["protocol"] == "recbole" and set(done["test"]) == {"recbole", "s3rec"}
+    assert done["epochs"] == 2 and 1 <= done["best_epoch"] <= 2 and done["seconds_to_best"] > 0
+    for scores in done["test"].values():
+        assert all(0 <= v <= 1 for who in scores.values() for v in who.values())
+    rows = accuracy.table({"ml-100k": [done, {**done, "seed": 1}]}).splitlines()[2:]
+    own, other = (row.split(" | ") for row in rows)
+    assert own[1] == "**recbole**" and other[1] == "s3rec (selected on recbole)"
+    assert own[4] == f"**{done['test']['recbole']['model']['ndcg@10']:.4f} ± 0.0000**"
+    assert other[4] == f"**{done['test']['s3rec']['model']['ndcg@10']:.4f} ± 0.0000**"
+    assert own[6] == f"{done['test']['recbole']['popularity']['ndcg@10']:.4f}"

@@ -182,13 +182,18 @@ def _per_user_reference(windows: torch.Tensor, users: np.ndarray, clip: float, e
     return {k: v / expected_batch for k, v in total.items()}
 
 
-# one part or several (each holding whole users); two clients through their own weights (gathered)
-@pytest.mark.parametrize("chunk,clients,shared", [(10**9, 1, True), (40_000, 1, True), (10**9, 2, False)])
-def test_user_level_gradients_clip_each_users_sum(monkeypatch, cfg, chunk, clients, shared):
+# one part or several (each holding whole users); two clients through their own weights (gathered);
+# strided windows, whose re-read history is input only
+@pytest.mark.parametrize("chunk,clients,shared,strided", [(10**9, 1, True, False), (40_000, 1, True, False),
+                                                          (10**9, 2, False, False), (40_000, 2, False, True)])
+def test_user_level_gradients_clip_each_users_sum(monkeypatch, cfg, chunk, clients, shared, strided):
     monkeypatch.setattr(client.training, "PER_SAMPLE_BYTES", chunk)
     clip = 0.05
     cfg = Config.from_run_config({**cfg.to_run_config(), "max-grad-norm": clip, "batch-size": 3})
     windows = [torch.from_numpy(_windows()[1 + 20 * c:1 + 20 * c + 11]) for c in range(clients)]
+    if strided:
+        for w in windows:
+            w[1::2, 1:5] *= -1
     users = [_users(11) for _ in range(clients)]
     jobs = [ClientJob(w.numpy(), 5 + c, 0.0, (), u) for c, (w, u) in enumerate(zip(windows, users, strict=True))]
     assert jobs[0].population() == 7
@@ -224,3 +229,16 @@ def test_user_level_sampling_takes_whole_users_at_the_users_rate(cfg):
         picked = cohort._sample(0, None, step).numpy()
         for user in np.unique(users[picked]):  # all of a sampled user's windows, none of the others'
             assert set(np.flatnonzero(users == user)) <= set(picked)
+
+
+def test_cosine_schedule_falls_from_lr_to_zero_over_the_call(cfg):
+    cosine = Config.from_run_config({**cfg.to_run_config(), "lr-schedule": "cosine"})
+    cohort = _Cohort(_model(), [ClientJob(_windows(), 0)], cosine)
+    rates = []
+    for done in (0.0, 0.5, 1.0):
+        cohort._schedule(done)
+        rates.append(cohort.optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([cfg.lr, cfg.lr / 2, 0.0])
+    constant = train(_model(), _windows(), cfg, epochs=2)
+    decayed = train(_model(), _windows(), cosine, epochs=2)
+    assert not torch.equal(constant.weights["item_embedding.weight"], decayed.weights["item_embedding.weight"])

@@ -49,3 +49,12 @@ def test_the_defaults_are_the_recommended_private_configuration():
     assert (cfg.partition, cfg.central_dp, cfg.dp) == ("user", True, False)
     assert cfg.central_clip_quantile == 0.5 and cfg.server_strategy == "fedadam" and cfg.local_epochs == 1
     assert cfg.central_target_epsilon == 8.0 and cfg.delta == 1e-5
+
+
+def test_window_stride_is_bounded_by_max_len_and_overlap_needs_user_level_dp():
+    assert Config.from_run_config({"max-len": 20, "window-stride": 0}).stride == 20
+    assert Config.from_run_config({"max-len": 20, "window-stride": 5, "dp": True, "dp-unit": "user"}).stride == 5
+    with pytest.raises(ConfigError, match=r"^window-stride must be from 0 \(max-len\) to max-len \(20\), got 21$"):
+        Config.from_run_config({"max-len": 20, "window-stride": 21})
+    with pytest.raises(ConfigError, match=r"^dp-unit = window needs window-stride 0 or max-len \(20\)"):
+        Config.from_run_config({"max-len": 20, "window-stride": 5, "dp": True, "dp-unit": "window"})

@@ -21,6 +21,9 @@ from common.dataset import (
     train_part,
     training_windows,
     window_counts,
+    window_inputs,
+    window_targets,
+    window_users,
 )
 
 U_DATA = "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in [
@@ -207,6 +210,43 @@ def test_training_windows_predict_every_item_but_the_first_once():
         targets = windows[:, 1:][windows[:, 1:] != 0]
         expected = np.concatenate([train_part(s)[1:] for s in seqs])
         assert sorted(targets.tolist()) == sorted(expected.tolist())
+
+
+def test_strided_windows_exact():
+    windows = training_windows(Sequences.of([np.arange(1, 10)]), 3, stride=2)  # training part 1..7
+    assert windows.tolist() == [[1, 2, 3, 0], [2, -3, 4, 5], [4, -5, 6, 7]]
+    assert window_inputs(windows).tolist() == [[1, 2, 3], [2, 3, 4], [4, 5, 6]]
+    assert window_targets(windows).tolist() == [[2, 3, 0], [0, 4, 5], [0, 6, 7]]
+
+
+@pytest.mark.parametrize("max_len,stride", [(1, 1), (4, 1), (4, 3), (10, 3), (10, 10), (50, 7)])
+def test_strided_windows_count_every_target_once_with_its_history(max_len, stride):
+    """Each training item but the first is a counted target exactly once, read after every
+    item before it up to max_len - stride of them (all of them near the part's start)."""
+    rng = np.random.default_rng(stride)
+    seqs = [rng.permutation(200)[:n] + 1 for n in rng.integers(4, 80, size=30)]  # distinct items; each has a window
+    sequences = Sequences.of(seqs)
+    windows = training_windows(sequences, max_len, stride)
+    users = window_users(sequences, max_len, stride)
+    assert len(windows) == len(users) == window_counts(sequences, max_len, stride).sum()
+    assert ((windows != 0).sum(axis=1) >= 2).all()
+    for user, seq in enumerate(seqs):
+        part = train_part(seq).tolist()
+        seen = []  # (position in the training part, history length) of every counted target
+        own = windows[users == user]
+        for window in own:
+            inputs, targets = window_inputs(window[None])[0], window_targets(window[None])[0]
+            start = part.index(inputs[0])
+            real = int((window != 0).sum())
+            assert inputs[:real - 1].tolist() == part[start:start + real - 1]
+            seen += [(start + j + 1, j + 1) for j in np.flatnonzero(targets)]
+        assert sorted(p for p, _ in seen) == list(range(1, len(part)))
+        assert all(h >= min(p, max_len - stride + 1) for p, h in seen)
+
+
+def test_strided_windows_at_max_len_are_the_non_overlapping_ones():
+    sequences = Sequences.of([np.arange(1, n) for n in range(3, 40)])
+    assert np.array_equal(training_windows(sequences, 5, 5), training_windows(sequences, 5))
 
 
 def test_popularity_counts_training_parts_only():

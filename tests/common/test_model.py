@@ -180,6 +180,22 @@ def test_scoring_only_real_targets_gives_the_same_losses(model):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
 
 
+@pytest.mark.parametrize("select", [True, False])
+def test_history_only_positions_are_read_but_not_scored(model, select):
+    """A strided window's negated items (`training_windows`) are inputs like any other, and
+    their targets do not count: the loss is the mean over the remaining targets only."""
+    model.eval()
+    torch.manual_seed(4)
+    windows = torch.randint(1, N + 1, (3, 7))
+    windows[2, 5:] = 0
+    marked = windows.clone()
+    marked[:2, 1:4] *= -1
+    logits = model(windows[:, :-1])
+    token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")  # (3, 6)
+    expected = torch.stack([token[0, 3:].mean(), token[1, 3:].mean(), token[2, :4].mean()])
+    assert torch.allclose(window_losses(model, marked, select=select), expected, atol=1e-6)
+
+
 def test_the_lstm_weights_travel_once_and_an_older_state_dict_with_both_copies_loads():
     """DPLSTM's weights are listed twice in the parent's state dict (one tensor, two names). Sent
     twice, the copies were averaged and noised apart under central DP, and each client's update

@@ -23,6 +23,14 @@ def test_short_training_beats_popularity_on_validation(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == list(range(1, summary["epochs"] + 1))
     assert max(r["valid_ndcg@10"] for r in lines) == summary["valid"]["ndcg@10"]
+    # the same model under both protocols; the run's own (history not masked) is its "test"
+    own = {"model": summary["test"], "popularity": summary["popularity_test"]}
+    assert summary["test_by_protocol"]["recbole"] == own
+    test_inputs, _, test_targets = eval_examples(data.sequences, "test", cfg.max_len)
+    masked = evaluate_popularity(popularity(data.sequences, data.num_items), test_targets, data.num_items,
+                                 inputs=test_inputs, mask_history=True)
+    assert summary["test_by_protocol"]["s3rec"]["popularity"] == masked
+    assert 0 < summary["seconds_to_best"] <= sum(r["seconds"] for r in lines) + 60
 
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
