@@ -1,10 +1,13 @@
-"""Flower's Deployment Engine on loopback: seconds per round with 3 SuperNodes, where the time
-goes, memory of an idle and a busy SuperNode, the installed size of a client, and the edge
-export's size and latency.
+"""Flower's Deployment Engine on loopback: seconds per round with 3 SuperNodes, cold (Flower's
+stock launcher: a fresh ClientApp process per message) against warm (fedrec's launcher: the app
+imported once, a fork per message), next to the same rounds in one process; memory of an idle and
+a busy SuperNode; what importing the ClientApp costs against importing torch; the installed size
+of a client; and the edge exports (ONNX and TorchScript, float and int8) of the model trained:
+size, latency, and how far the int8 model's top 10 are from the float model's.
 
 Everything runs as in README's "Deploy" section: `fedrec certs`, `fedrec server` (TLS, node
-authentication), `fedrec nodes register`, three `fedrec client`, `fedrec run`; each setup runs
-twice, with Flower's default SuperExec poll interval (1 s) and with fedrec's (0.1 s).
+authentication), `fedrec nodes register`, three `fedrec client` (`--cold` for the stock launcher),
+`fedrec run`.
 
     python -m benchmarks.deploy_loopback [--rounds R]
 """
@@ -15,6 +18,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,13 +32,16 @@ from server import flower_cli as fc
 
 FEDREC = [sys.executable, "-m", "fedrec"]
 DATA = {"dataset": "synthetic", "holdout-users": 0.2}  # the embedded default: 2,000 users, 100 items
-TRAINING = "min-train-nodes=3 fraction-train=1.0 fraction-evaluate=1.0 local-epochs=1 dp=true target-epsilon=8"
+# Three devices: local DP (a handful of clients cannot carry central DP's noise), every device every round.
+TRAINING = {"min-train-nodes": 3, "fraction-train": 1.0, "fraction-evaluate": 1.0, "local-epochs": 1, "dp": True,
+            "target-epsilon": 8.0, "central-dp": False}
+RUN_CONFIG = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TRAINING.items())
 CLIENT_DISTRIBUTIONS = ("fedrec", "flwr", "torch", "opacus", "numpy", "pandas", "grpcio")
 
 
-def deployment(work: Path, rounds: int, poll_interval: str) -> dict[str, float]:
-    """One loopback deployment; returns s/round, memory figures and the ClientApp start-up time."""
-    env = {**os.environ, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll_interval, "FEDREC_CACHE": str(work / "cache")}
+def deployment(work: Path, rounds: int, cold: bool) -> dict[str, float]:
+    """One loopback deployment; returns s/round, memory figures and `fedrec run`'s wall time."""
+    env = {**os.environ, "FEDREC_CACHE": str(work / "cache")}
     certs, data = work / "certs", work / "data"
     subprocess.run([*FEDREC, "certs", "--out", str(certs), "--nodes", "3"], env=env, check=True, capture_output=True)
     write_device_files(Config.from_run_config(DATA), data, clients=3)
@@ -52,7 +59,8 @@ def deployment(work: Path, rounds: int, poll_interval: str) -> dict[str, float]:
                            env=env, check=True, capture_output=True)
             processes.append(fc.start_process(
                 [*FEDREC, "client", "--superlink", address, "--data", str(data / f"client-{i}.txt"), "--state-dir",
-                 str(work / f"node-{i}"), "--auth-key", str(certs / f"node-{i}"), "--port", str(fc.free_port()), *tls],
+                 str(work / f"node-{i}"), "--auth-key", str(certs / f"node-{i}"), "--port", str(fc.free_port()), *tls,
+                 *(["--cold"] if cold else [])],
                 env, work / f"node-{i}.log"))
             monitors.append(fc.ProcessMonitor(f"FLWR_HOME={work / f'node-{i}' / 'flwr-home'}", interval=0.1))
         time.sleep(15)  # joined and settled
@@ -62,7 +70,8 @@ def deployment(work: Path, rounds: int, poll_interval: str) -> dict[str, float]:
         out = work / "out"
         started = time.perf_counter()
         subprocess.run([*FEDREC, "run", "--superlink", address, *tls, "--dataset", "seq", "--data-dir",
-                        str(data / "server.txt"), "--out", str(out), "--rounds", str(rounds), "--run-config", TRAINING],
+                        str(data / "server.txt"), "--out", str(out), "--rounds", str(rounds),
+                        "--run-config", RUN_CONFIG],
                        env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - started
     finally:
@@ -79,8 +88,7 @@ def deployment(work: Path, rounds: int, poll_interval: str) -> dict[str, float]:
 def in_process_round(rounds: int) -> float:
     """The same rounds in one process (`fedrec simulate`): the training and evaluation alone."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Config.from_run_config({**DATA, "partition": "iid", "num-clients": 3, "min-train-nodes": 3,
-                                      "fraction-train": 1.0, "fraction-evaluate": 1.0, "local-epochs": 1,
+        cfg = Config.from_run_config({**DATA, **TRAINING, "partition": "iid", "num-clients": 3,
                                       "num-server-rounds": rounds, "out-dir": str(Path(tmp) / "run")})
         from simulation.run import simulate
 
@@ -89,11 +97,14 @@ def in_process_round(rounds: int) -> float:
     return sum(json.loads(line)["seconds"] for line in lines) / rounds
 
 
-def clientapp_startup() -> float:
-    """Seconds for a fresh Python to import the ClientApp: what every message pays in deployment."""
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import client.client_app"], check=True)
-    return time.perf_counter() - started
+def import_seconds(statement: str, repeats: int = 3) -> float:
+    """Median seconds for a fresh Python to run `statement` (an import)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", statement], check=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def installed_mb(distributions: tuple[str, ...]) -> dict[str, float]:
@@ -104,11 +115,37 @@ def installed_mb(distributions: tuple[str, ...]) -> dict[str, float]:
     return sizes
 
 
-def _export_line(model: str, quantize: str) -> str:
-    """What `fedrec export` printed for the run folder `model`: file size and latency, on one line."""
-    printed = subprocess.run([*FEDREC, "export", "--model", model, "--quantize", quantize],
-                             capture_output=True, text=True, check=True).stdout
-    return printed.replace("\n", " ").split(": ", 1)[1].strip()
+def exports(run: Path, work: Path) -> list[str]:
+    """Table rows: each export format and quantisation of the run's model, its size and latency;
+    for int8, how many of the float export's top 10 it keeps on the server's held-out users."""
+    from common import export
+    from common.artifacts import read_json
+    from common.dataset import load_dataset
+    from common.model import recommend
+
+    cfg = Config.from_run_config(read_json(run / "config.json"))
+    items = read_json(run / "items.json")
+    index = {raw: i + 1 for i, raw in enumerate(items["item_ids"])}
+    held_out = load_dataset(cfg)  # the server's own file, the run's data-dir
+    raw = [str(i) for i in held_out.item_ids]
+    histories = [[index[raw[i - 1]] for i in seq if raw[i - 1] in index][:-1] for seq in list(held_out.sequences)[:200]]
+    rows, models = [], {}
+    for format in export.FORMATS:
+        for quantize in export.QUANTIZATIONS:
+            path = work / f"model.{quantize}.{export.SUFFIX[format]}"
+            subprocess.run([*FEDREC, "export", "--model", str(run), "--out", str(path), "--format", format,
+                            "--quantize", quantize], check=True, capture_output=True)
+            model, _ = export.load(path)
+            models[format, quantize] = model
+            agree = "–"
+            if quantize == "int8":
+                shared = [len(set(recommend(model, h, 10, cfg.max_len)[0])
+                              & set(recommend(models[format, "none"], h, 10, cfg.max_len)[0])) for h in histories]
+                same = sum(s == 10 for s in shared)
+                agree = f"{same} of {len(shared)} users the same top 10; {statistics.mean(shared):.2f} of 10 shared"
+            rows.append(f"| {format} | {quantize} | {path.stat().st_size / 1024:.0f} | "
+                        f"{export.latency_ms(model, cfg.max_len):.3f} | {agree} |")
+    return rows
 
 
 def main() -> None:
@@ -116,40 +153,50 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     rows = []
+    local = in_process_round(args.rounds)
     with tempfile.TemporaryDirectory(prefix="fedrec-deploy-") as tmp:
         results = {}
-        for poll in ("1.0", "0.1"):
-            results[poll] = deployment(Path(tmp) / f"poll-{poll}", args.rounds, poll)
-            r = results[poll]
-            rows.append(f"| {poll} s | {r['s_per_round']:.1f} | {r['wall']:.0f} | {r['idle_mb']:.0f} "
-                        f"| {r['busy_mb']:.0f} |")
+        for mode in ("cold", "warm"):
+            results[mode] = r = deployment(Path(tmp) / mode, args.rounds, cold=mode == "cold")
+            rows.append(f"| {mode} | {r['s_per_round']:.1f} | {r['s_per_round'] / local:.1f}× | {r['wall']:.0f} | "
+                        f"{r['idle_mb']:.0f} | {r['busy_mb']:.0f} |")
             print(rows[-1], flush=True)
-        exports = [_export_line(results["0.1"]["out"], q) for q in ("none", "int8")]
-    local = in_process_round(args.rounds)
-    startup = clientapp_startup()
+        edge = exports(Path(results["warm"]["out"]), Path(tmp))
+    torch_import = import_seconds("import torch")
+    app_import = import_seconds("import client.client_app")
+    local_import = import_seconds("import client.local")
     sizes = installed_mb(CLIENT_DISTRIBUTIONS)
     ray = installed_mb(("ray",))["ray"]
     write_section("deploy-loopback", "\n".join([
         "## Deployment Engine on loopback (3 SuperNodes)",
         "",
-        f"The embedded synthetic default split by `fedrec data split` logic (3 device files of ~530 users, the "
-        f"server's 400 held-out users); TLS and SuperNode authentication; DP on; {args.rounds} rounds; each "
-        "SuperNode's memory is the sum over its processes (SuperNode, SuperExec, the ClientApp process of a message).",
+        f"The embedded synthetic default split as `fedrec data split` does (3 device files of ~530 users, the "
+        f"server's 400 held-out users); TLS and SuperNode authentication; local DP on; {args.rounds} rounds; the "
+        "SuperExec polls every 0.1 s (fedrec's setting). Cold: Flower's stock launcher (`fedrec client --cold`), a "
+        "fresh `flwr-clientapp` process per message. Warm: fedrec's launcher (the default), the app imported "
+        "once and a fork per message. Each SuperNode's memory is the sum of its processes' resident memory "
+        "(warm: a child's pages shared with the launcher count twice).",
         "",
-        "| SuperExec poll interval | s/round | `fedrec run` wall s | idle MB per SuperNode "
+        "| ClientApp | s/round | against in-process | `fedrec run` wall s | idle MB per SuperNode "
         "| busy MB per SuperNode (peak) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Same rounds in one process (`fedrec simulate`, 3 iid clients): {local:.1f} s/round. "
-        f"A fresh Python importing the ClientApp: {startup:.1f} s (paid by every message: Flower starts one "
-        "`flwr-clientapp` process per message).",
+        f"Same rounds in one process (`fedrec simulate`, 3 iid clients): {local:.1f} s/round. A fresh Python "
+        f"importing the ClientApp (`import client.client_app`): {app_import:.2f} s, against {torch_import:.2f} s "
+        f"for `import torch` ({app_import / torch_import:.2f}×); with the training code a message loads "
+        f"(`import client.local`: torch, Opacus, pandas): {local_import:.2f} s.",
         "",
         "Client install (the packages a device needs): "
         + ", ".join(f"{k} {v:.0f} MB" for k, v in sizes.items())
         + f"; total {sum(sizes.values()):.0f} MB. Ray, which only the simulation extra installs: {ray:.0f} MB.",
         "",
-        "Edge export (`fedrec export`, then `--quantize int8`): " + "; ".join(exports) + ".",
+        "Edge exports (`fedrec export`) of the warm run's model; latency: one user's full-length history, median "
+        "of 200 calls; agreement: the server's first 200 held-out users, each history without its last item.",
+        "",
+        "| format | quantize | KiB | ms per recommendation | int8 against float |",
+        "|---|---|---|---|---|",
+        *edge,
     ]))
 
 

@@ -22,27 +22,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.centralized_ml100k import SETTINGS as CENTRAL_RECIPES
-from benchmarks.federated_ml100k import COMMON, CROSS_DEVICE, DEVICE_DP, run_setting
+from benchmarks import accuracy
+from benchmarks.federated_ml100k import CROSS_DEVICE, DEVICE_DP, run_setting
 from benchmarks.report import ROOT, require_shared, write_section
-from common.config import Config
-from simulation.centralized import train_centralized
 
 RESULTS = ROOT / "benchmarks" / "results" / "privacy_utility.json"
 FIGURES = ROOT / "benchmarks" / "figures"
 EPSILONS = [1.0, 2.0, 4.0, 8.0, math.inf]
-# The Amazon sets are evaluated as their papers do (S3-Rec's protocol: history masked); MovieLens
-# as RecBole does (not masked). Width 32: the embedding is most of the noised dimension.
-AMAZON = {"kcore": "0", "max-len": "50", "embedding-dim": "32", "hidden-dim": "32", "dropout": "0.1",
-          "batch-size": "64", "mask-history": "true"}
-DATASETS = {"ml-100k": {**COMMON, "dataset": "ml-100k", "data-dir": "ml-100k"},
-            "ml-latest-small": {**COMMON, "dataset": "ml-latest-small", "data-dir": "ml-latest-small"},
-            "beauty": {**AMAZON, "dataset": "seq", "data-dir": "seqrec/s3rec/Beauty.txt"},
-            "sports": {**AMAZON, "dataset": "seq", "data-dir": "seqrec/s3rec/Sports_and_Outdoors.txt"}}
+# The recommended recipe's model and data settings (the accuracy benchmark's, tuned centrally):
+# each data set under its own protocol (Amazon: S3-Rec's, history masked; MovieLens: RecBole's),
+# width 64, dropout 0.3, the last 50 items, MovieLens's windows every 10 items. The federated
+# recipes below bring their own local optimizer, in batches of 64 training units.
+MODEL_KEYS = ("dataset", "data-dir", "kcore", "max-len", "window-stride", "mask-history", "embedding-dim",
+              "hidden-dim", "dropout")
+DATASETS = {name: {**{k: str(v).lower() if isinstance(v, bool) else str(v)
+                      for k, v in accuracy.DATASETS[name].items() if k in MODEL_KEYS}, "batch-size": "64"}
+            for name in ("ml-100k", "ml-latest-small", "beauty", "sports")}
 # User-level DP-FedAvg (McMahan et al., 2018): one local SGD epoch, the update clipped on the
 # device with the norm adapted towards the median update (Andrew et al.), Gaussian noise on the
 # average, and FedAdam stepping on the noised average (post-processing). Non-private (ε = ∞): the
@@ -59,8 +59,7 @@ SILO = {"partition": "iid", "fraction-train": "1.0", "dp": "false", "central-dp"
         "optimizer": "sgd", "lr": "10", "batch-size": "256", "server-strategy": "fedavg", "fraction-evaluate": "0",
         "eval-every": "5", "num-server-rounds": "30"}
 SILO_DP = {"dp": "true", "dp-unit": "user", "max-grad-norm": "1.0", "delta": "1e-5"}
-CENTRALIZED = {"ml": CENTRAL_RECIPES["non-private"],
-               "amazon": {"dp": False, "lr": 0.003, "batch-size": 256, "epochs": 30, "patience": 3}}
+
 
 
 def recipe(mechanism: str, epsilon: float, clients: int, users: int) -> dict[str, str]:
@@ -71,6 +70,7 @@ def recipe(mechanism: str, epsilon: float, clients: int, users: int) -> dict[str
     if mechanism == "window":
         base = {**CROSS_DEVICE, "dp": "false"} if math.isinf(epsilon) else {
             **CROSS_DEVICE, **DEVICE_DP, "target-epsilon": str(epsilon)}
+        base["window-stride"] = "0"  # a window is the unit: windows must not overlap
     else:
         base = USER_LEVEL if math.isinf(epsilon) else {**USER_LEVEL, **USER_DP,
                                                       "central-target-epsilon": str(epsilon)}
@@ -84,17 +84,16 @@ def run_key(mechanism: str, clients: int, epsilon: float) -> str:
 def run_dataset(name: str, mechanism: str, clients: int, epsilon: float, rounds: int | None,
                 central_epochs: int | None, stored: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """One federated run of a data set, added to its stored entry; the centralized and popularity
-    references are trained with the first run and reused after."""
+    references (seed 0 of the accuracy benchmark, the same model and data) are fetched with the
+    first run and reused after."""
     common = {**DATASETS[name], "data-dir": str(require_shared(DATASETS[name]["data-dir"]))}
     entry = {k: v for k, v in stored.items() if k != "runs"}
     if "centralized_ndcg@10" not in entry:
-        central_recipe = CENTRALIZED["amazon" if common.get("mask-history") == "true" else "ml"]
-        central_cfg = Config.from_run_config({**common, **central_recipe,
-                                              **({"epochs": central_epochs} if central_epochs else {})})
-        central = train_centralized(central_cfg, workdir / f"{name}-central")
-        entry = {"centralized_ndcg@10": central["test"]["ndcg@10"], "centralized_hr@10": central["test"]["hr@10"],
-                 "centralized_epochs": central["epochs"], "popularity_ndcg@10": central["popularity_test"]["ndcg@10"],
-                 "popularity_hr@10": central["popularity_test"]["hr@10"], "mask_history": central["mask_history"],
+        central = accuracy.reference(name, central_epochs)  # the same model and data, trained centrally
+        own = central["test"][central["protocol"]]
+        entry = {"centralized_ndcg@10": own["model"]["ndcg@10"], "centralized_hr@10": own["model"]["hr@10"],
+                 "centralized_epochs": central["epochs"], "popularity_ndcg@10": own["popularity"]["ndcg@10"],
+                 "popularity_hr@10": own["popularity"]["hr@10"], "mask_history": central["protocol"] == "s3rec",
                  "users": central["users"], "items": central["items"]}
         print(name, "centralized", entry["centralized_ndcg@10"], flush=True)
     settings = recipe(mechanism, epsilon, clients, entry["users"])
@@ -174,7 +173,7 @@ def plot(results: dict[str, Any]) -> list[Path]:
         ax.set_title(f"Learning curves, {name}, cross-device")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        written.append(FIGURES / f"learning_curves_{name}.png")
+        written.append(FIGURES / f"learning_curves_{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written

@@ -26,8 +26,7 @@ from common.flower_compat import (
     fitres_to_recorddict,
     secaggplus_mod,
 )
-from common.privacy import SECAGG_ARRAY_NAMES
-from common.replies import ARRAYS, METRICS, TrainMetrics, decline_reason, weight_key
+from common.replies import ARRAYS, METRICS, SECAGG_ARRAY_NAMES, TrainMetrics, decline_reason, weight_key
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -24,14 +24,18 @@ def check_data(data: Path, data_format: str) -> dict:
 
 def supernode_command(bin_dir: Path, *, superlink: str, data: Path, data_format: str, state_dir: Path,
                       port: int, root_certificates: Path | None, auth_key: Path | None,
-                      max_retries: int | None, max_wait_time: float | None) -> list[str]:
-    """The `flower-supernode` command line; writes `state_dir/node-config.toml` for it."""
+                      max_retries: int | None, max_wait_time: float | None, warm: bool) -> list[str]:
+    """The `flower-supernode` command line; writes `state_dir/node-config.toml` for it. `warm`:
+    the SuperNode leaves launching ClientApps to fedrec's warm launcher (`client.warm`), which
+    runs beside it, instead of starting Flower's own SuperExec."""
     state_dir.mkdir(parents=True, exist_ok=True)
     node_config = state_dir / "node-config.toml"
     node_config.write_text(tomli_w.dumps({"data-path": str(data.resolve()), "data-format": data_format,
                                           "state-dir": str(state_dir.resolve())}), encoding="utf-8")
     command = [str(bin_dir / "flower-supernode"), "--superlink", superlink, "--node-config", str(node_config),
                "--port", str(port)]
+    if warm:
+        command += ["--isolation", "process"]
     command += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]

@@ -4,7 +4,8 @@ fedrec relies on a few pieces of flwr 1.42 that are not part of its public API: 
 bookkeeping the in-process grid must fill in as a SuperLink would, FedAdam's moments for
 checkpoints, the global `random` module Flower samples nodes with, a dtype quirk of FedAdam, the
 parser `flwr run` reads `--run-config` with, SecAgg+, which 1.42 ships for its legacy API
-only, and the norm update of its adaptive clipping, whose sign 1.42 has the wrong way round.
+only, the norm update of its adaptive clipping, whose sign 1.42 has the wrong way round, and
+the SuperExec loop and ClientApp task runner the warm launcher drives.
 Each is a small named function, subclass or re-export here, and tests/common/test_flower_compat.py
 pins every one, so a Flower upgrade that changes them fails there first rather than in a run.
 """
@@ -45,6 +46,7 @@ from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.task_identity import TaskIdentity
 
 __all__ = [
+    "CLIENTAPP_RUNTIME",
     "AdaptiveClipping",
     "FlooredSecAggPlusWorkflow",
     "MAIN_CONFIGS_RECORD",
@@ -70,15 +72,21 @@ __all__ = [
     "arrayrecord_to_parameters",
     "cast_like",
     "fitres_to_recorddict",
+    "is_clientapp_task",
+    "launch_accepted",
+    "launch_stock",
     "make_run",
     "parameters_to_ndarrays",
     "parse_config_args",
     "restore_server_optimizer",
+    "run_clientapp_task",
+    "run_superexec_with",
     "secaggplus_mod",
     "seed_flower_sampler",
     "server_optimizer_state",
     "server_task_identity",
     "set_message_id",
+    "sleeps_between_pulls",
 ]
 
 SERVER_TASK_ID = 1
@@ -235,3 +243,75 @@ class FlooredSecAggPlusWorkflow(SecAggPlusWorkflow):
         if not super().collect_masked_vectors_stage(grid, context, state):
             return False
         return len(state.active_node_ids) >= self.floor
+
+
+# --- The SuperExec loop with fedrec's warm launcher (client/warm.py). Imported when called: the
+# ClientApp module imports this one, and must stay cheap to import.
+
+CLIENTAPP_RUNTIME = "flwr.supernode.runtime.run_clientapp"
+"""The module `flwr-clientapp` runs a task with; the warm launcher imports it before it forks."""
+
+
+def run_superexec_with(executor: object, *, runtime_api_address: str, insecure: bool,
+                       root_certificates_path: str | None) -> None:
+    """Flower's SuperExec loop (what `flower-superexec` runs) with `executor` launching the tasks.
+
+    `run_superexec` builds its executor with the module's `get_executor`, and 1.42 has no way to
+    pass one in, so that name is replaced for the call. `executor` must satisfy 1.42's
+    `Executor` protocol (`flwr.supercore.superexec.executor.types`); runtime dependency
+    installation stays off, as fedrec turns it off everywhere."""
+    from flwr.supercore.superexec import run_superexec as module
+
+    original = module.get_executor
+    module.get_executor = lambda *args, **kwargs: executor
+    try:
+        module.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure,
+                             root_certificates_path=root_certificates_path, runtime_dependency_install=False)
+    finally:
+        module.get_executor = original
+
+
+def is_clientapp_task(spec: object) -> bool:
+    """Whether a SuperExec `ExecutionSpec` asks for a ClientApp process."""
+    from flwr.supercore.constant import TaskType
+
+    return getattr(spec, "task_type", None) == TaskType.CLIENT_APP
+
+
+def launch_stock(spec: object) -> object:
+    """Flower's own launch of `spec`: a fresh `flwr-clientapp` (or other task) process."""
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+    return SubprocessExecutor().launch(spec)
+
+
+def launch_accepted() -> object:
+    """The `LaunchResult` that tells the SuperExec loop a task was started."""
+    from flwr.supercore.superexec.executor import LaunchResult
+
+    return LaunchResult.accepted()
+
+
+def run_clientapp_task(spec: object) -> None:
+    """What a `flwr-clientapp --token ...` process does for the task `spec` names, in this process:
+    pull the message and context, call the ClientApp, push the reply. Ends with Flower's
+    `flwr_exit`, i.e. `SystemExit`.
+
+    A forked process inherits the exit handlers its parent registered with Flower (the parent's
+    SuperExec client and executor); they are dropped first, so the child's exit runs only its own."""
+    from flwr.supercore.exit import exit_handler
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    exit_handler.registered_exit_handlers.clear()
+    run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
+                  certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+                  parent_pid=None, runtime_dependency_install=False)
+
+
+def sleeps_between_pulls(grid: object) -> bool:
+    """Whether `grid` is flwr 1.42's deployed grid, whose `send_and_receive` sleeps 3 s between
+    pulls for replies (`superlink/grid/http_grid.py`; Ray's in-memory grid sleeps 0.1 s)."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    return isinstance(grid, HttpGrid)

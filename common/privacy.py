@@ -33,7 +33,6 @@ Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 # steps (PRV: 7 s and 1.6 GB at 10^5, over 5 min and 7 GB at 10^6; 10^12 asks numpy for 226 GiB),
 # so a crafted ledger must not reach them.
 MAX_STEPS = 1_000_000
-SECAGG_ARRAY_NAMES = "array-names"  # config key: SecAgg+'s legacy message layout drops the parameter names
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ NUM_EXAMPLES = "num-examples"  # training windows: what FedAvg weighs a client b
 UNIT_WEIGHT = "unit-weight"  # 1 for every client: under central DP FedAvg averages uniformly by it
 DP_UNITS = "dp-units"
 NOISE_STD = "dp-noise-std"  # train config under distributed DP: the std of each client's share of the noise
+SECAGG_ARRAY_NAMES = "array-names"  # train config under SecAgg+: its legacy message layout drops the parameter names
 
 Record = TypeVar("Record", ArrayRecord, MetricRecord, ConfigRecord)
 

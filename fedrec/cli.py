@@ -330,35 +330,36 @@ def _num(value: float | None) -> str:
 def export_command(
     model: Annotated[Path, typer.Option(help="Folder of a finished run (config.json, model.pt, items.json)")],
     out: Annotated[Optional[Path],
-                   typer.Option(help="File to write [default: <model>/model.<quantize>.torchscript.pt]")] = None,
-    format: Annotated[str, typer.Option(help="Export format (torchscript)")] = "torchscript",
-    quantize: Annotated[str, typer.Option(help="none or int8 (dynamic int8 linear layers)")] = "none",
+                   typer.Option(help="File to write [default: <model>/model.<quantize>.<onnx|torchscript.pt>]")] = None,
+    format: Annotated[str, typer.Option(help="onnx (run with onnxruntime) or torchscript (torch.jit.load)")] = "onnx",
+    quantize: Annotated[str, typer.Option(help="none or int8 (ONNX: every weight matrix, the embedding included, "
+                                               "int8 per row; TorchScript: the linear layers)")] = "none",
 ) -> None:
-    """Write the model as one TorchScript file an edge device runs with `torch.jit.load` alone."""
+    """Write the model as one file an edge device runs: ONNX (onnxruntime alone) or TorchScript."""
     from common import export
 
-    if format != "torchscript":
-        raise ConfigError(f"--format must be torchscript, got {format!r}")
+    if format not in export.FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(export.FORMATS)}, got {format!r}")
     if quantize not in export.QUANTIZATIONS:
         raise ConfigError(f"--quantize must be one of {', '.join(export.QUANTIZATIONS)}, got {quantize!r}")
-    if model.is_file():  # an export holds a scripted module, which cannot be scripted again
+    if model.is_file():  # an export holds a traced graph, which cannot be exported again
         raise DataError(f"--model {model} is a file: give the --out folder of a finished run (exports are final)")
     net, items, max_len = _load_model(model)
-    target = out or model / f"model.{quantize}.torchscript.pt"
+    target = out or model / f"model.{quantize}.{export.SUFFIX[format]}"
     if target.exists():
         raise OutputExistsError(f"{target} already exists: choose another --out")
     if not target.parent.is_dir():
         raise OutputError(f"--out {target}: folder {target.parent} does not exist: create it, or choose another")
     if not writable(target.parent):
         raise OutputError(f"--out {target}: folder {target.parent} is not writable: choose another")
-    export.export(net, target, max_len=max_len, items=items, quantize=quantize)
+    export.export(net, target, max_len=max_len, items=items, quantize=quantize, format=format)
     module, _ = export.load(target)
     console.print(f"{target}: {target.stat().st_size / 1024:.0f} KiB, "
                   f"{export.latency_ms(module, max_len):.2f} ms per recommendation (one user, {max_len} items)")
 
 
 def _load_model(path: Path) -> tuple[Any, dict[str, Any], int]:
-    """(model, catalogue, max_len) from a run folder, or from a TorchScript export."""
+    """(model, catalogue, max_len) from a run folder, or from an export (ONNX or TorchScript)."""
     from common import export
     from common.model import build_model
 

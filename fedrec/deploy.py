@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def server_command(
                                 keyfile=tls[1], ca_certfile=tls[2], auth=auth)
     mode = "plain text (trial only)" if insecure else "TLS" + (", registered SuperNodes only" if auth else "")
     typer.echo(f"fedrec server: SuperLink on {host}:{port}, {mode}; state in {state_dir} (pid {os.getpid()})")
-    _become(command, state_dir)
+    _become(command, _flower_environment(state_dir))
 
 
 def client_command(
@@ -95,18 +96,29 @@ def client_command(
                            typer.Option(help="Reconnection attempts before giving up (default: forever)")] = None,
     max_wait_time: Annotated[Optional[float],
                              typer.Option(help="Seconds of reconnecting before giving up (default: forever)")] = None,
+    cold: Annotated[bool, typer.Option(
+        "--cold", help="Flower's stock launcher: a fresh ClientApp process (and its imports) per message")] = False,
 ) -> None:
-    """Start a client on an edge device: a Flower SuperNode whose ClientApp trains on --data only."""
+    """Start a client on an edge device: a Flower SuperNode whose ClientApp trains on --data only.
+
+    By default the ClientApp runs warm: this process imports torch and the app once and forks a
+    process per message (`client.warm`); `--cold` leaves launching to Flower."""
     ca = _trusted_ca(root_certificates, insecure)
     if auth_key is not None:
         _require_file(auth_key)
     info = check_data(data, data_format)
     command = supernode_command(fc.BIN, superlink=superlink, data=data, data_format=data_format,
                                 state_dir=state_dir, port=port, root_certificates=ca,
-                                auth_key=auth_key, max_retries=max_retries, max_wait_time=max_wait_time)
+                                auth_key=auth_key, max_retries=max_retries, max_wait_time=max_wait_time,
+                                warm=not cold)
     typer.echo(f"fedrec client: {info['users']} users, {info['interactions']} interactions in {data}; "
-               f"joining {superlink} (pid {os.getpid()})")
-    _become(command, state_dir)
+               f"joining {superlink} (pid {os.getpid()}, {'cold' if cold else 'warm'} ClientApp)")
+    env = _flower_environment(state_dir)
+    if cold:
+        _become(command, env)
+    # The warm launcher forks: one BLAS thread (numpy's, scipy's) in it would be unsafe; torch's
+    # own intra-op threads start only in the children, as they train.
+    _become([sys.executable, "-m", "client.warm", f"127.0.0.1:{port}", *command], {**env, "OPENBLAS_NUM_THREADS": "1"})
 
 
 def certs_command(
@@ -228,13 +240,17 @@ def _trusted_ca(root_certificates: Path | None, insecure: bool) -> Path | None:
     return None if insecure else root_certificates
 
 
-def _become(command: list[str], state_dir: Path) -> None:
-    """Replace this process by the Flower server (same PID: stopping it stops the server)."""
+def _flower_environment(state_dir: Path) -> dict[str, str]:
     home = state_dir.resolve() / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     env = fc.environment(home)
     # Flower's SuperExec checks for work every second by default; a round waits on it twice per node.
     env.setdefault(POLL_INTERVAL, "0.1")
+    return env
+
+
+def _become(command: list[str], env: dict[str, str]) -> None:
+    """Replace this process by the Flower server or SuperNode (same PID: stopping it stops that)."""
     os.execve(command[0], command, env)
 
 

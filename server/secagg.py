@@ -39,7 +39,8 @@ from common.flower_compat import (
     arrayrecord_to_parameters,
     parameters_to_ndarrays,
 )
-from common.privacy import SECAGG_ARRAY_NAMES
+from common.replies import SECAGG_ARRAY_NAMES
+from server.grids import WrappedGrid
 
 CLIPPING_RANGE = 8.0  # SecAgg+'s default: weights are clipped to ±8 before quantisation
 QUANTIZATION_RANGE = 2**22
@@ -69,37 +70,14 @@ def summary(cfg: Config) -> dict[str, Any]:
             "quantisation": f"weights clipped to ±{CLIPPING_RANGE:g}, {QUANTIZATION_RANGE} levels"}
 
 
-class SecureGrid(Grid):
+class SecureGrid(WrappedGrid):
     """The run's Grid, with each round's train messages answered through SecAgg+."""
 
     def __init__(self, grid: Grid, cfg: Config, weight: float) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._cfg = cfg
         self._weight = weight
         self._in_workflow = False
-
-    def __getattr__(self, name: str) -> Any:  # the in-process grid's snapshot/restore for checkpoints
-        return getattr(self._grid, name)
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

@@ -24,10 +24,12 @@ from common import artifacts
 from common.config import Config
 from common.errors import NoProgressError
 from common.federation import Federation, catalogue, federation
+from common.flower_compat import sleeps_between_pulls
 from common.model import build_model
 from common.replies import NOISE_STD
 from server import central_dp, checkpoint, preflight, secagg, summary
 from server.evaluation import HeldOut
+from server.grids import PromptGrid
 from server.strategy import GuardedStrategy, make_strategy
 
 app = ServerApp()
@@ -38,6 +40,8 @@ log = logging.getLogger("fedrec")
 def main(grid: Grid, context: Context) -> None:
     if not log.handlers:  # under `flwr run` nothing else shows fedrec's round lines
         show_progress(True)
+    if sleeps_between_pulls(grid):  # deployed: collect replies as they come, not every 3 s
+        grid = PromptGrid(grid)
     run_federated(grid, Config.from_run_config(context.run_config))
 
 

@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from client.client_app import LEDGER
 from client.client_app import app as client_app
+from client.local import LEDGER
 from common import artifacts
 from common.config import Config
 from common.federation import federation

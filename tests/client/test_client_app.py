@@ -22,7 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.constant import ErrorCode
 from recipes import LOCAL_DP
 
-from client.client_app import LEDGER, app
+from client.client_app import app
+from client.local import LEDGER
 from common.config import Config, ConfigError
 from common.dataset import eval_examples
 from common.federation import client_data, federation
@@ -275,7 +276,7 @@ def test_derived_noise_is_sized_for_all_planned_rounds(monkeypatch: pytest.Monke
     """With noise-multiplier 0 the client asks for the σ of num-server-rounds x local-epochs
     epochs on its windows and trains with it. (Opacus's σ search itself takes ~7 s; it is
     stubbed here and tested in test_training.py.)"""
-    import client.client_app as client_app
+    import client.local as client_local
 
     asked = []
 
@@ -283,7 +284,7 @@ def test_derived_noise_is_sized_for_all_planned_rounds(monkeypatch: pytest.Monke
         asked.append((cfg.target_epsilon, num_windows, epochs))
         return 1.25
 
-    monkeypatch.setattr(client_app, "noise_multiplier_for", fake_noise_multiplier_for)
+    monkeypatch.setattr(client_local, "noise_multiplier_for", fake_noise_multiplier_for)
     run_config = {**TINY, "num-server-rounds": 5, "local-epochs": 2, "target-epsilon": 8.0}
     cfg = Config.from_run_config(run_config)
     assert cfg.dp and cfg.noise_multiplier == 0

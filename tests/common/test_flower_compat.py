@@ -190,3 +190,78 @@ def test_the_secaggplus_floor_hooks_the_stage_and_state_flower_names() -> None:
     assert isinstance(WorkflowState().active_node_ids, set)
     workflow = fc.FlooredSecAggPlusWorkflow(3, 2, floor=4)
     assert workflow.floor == 4 and workflow.reconstruction_threshold == 2
+
+
+def test_the_superexec_loop_builds_its_executor_with_the_name_replaced() -> None:
+    """`run_superexec_with` swaps `run_superexec.get_executor` for the call: the loop must still
+    look the name up there, take the arguments passed, and put the original back."""
+    import inspect
+
+    from flwr.supercore.superexec import run_superexec as module
+
+    original = module.get_executor
+    sentinel = object()
+
+    def stop(*args: object, **kwargs: object) -> None:
+        assert module.get_executor() is sentinel
+        raise KeyboardInterrupt
+
+    module_run = module.run_superexec
+    module.run_superexec = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fc.run_superexec_with(sentinel, runtime_api_address="127.0.0.1:1", insecure=True,
+                                  root_certificates_path=None)
+    finally:
+        module.run_superexec = module_run
+    assert module.get_executor is original
+    assert "get_executor(" in inspect.getsource(module.run_superexec)
+    assert {"runtime_api_address", "insecure", "root_certificates_path", "runtime_dependency_install"} <= set(
+        inspect.signature(module.run_superexec).parameters)
+
+
+def test_the_executor_protocol_and_task_spec_are_what_the_warm_launcher_implements() -> None:
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.types import ExecutionSpec, Executor, LaunchResultStatus
+
+    from client.warm import ForkingExecutor
+
+    wanted = {name for name in vars(Executor) if not name.startswith("_")}
+    assert wanted == {"get_eligible_capacity", "wait_for_capacity", "launch", "reconcile", "close"}
+    assert wanted <= set(vars(ForkingExecutor))
+    spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9094", token="t",
+                         insecure=True, root_certificates_path=None, runtime_dependency_install=False,
+                         parent_pid=None, suppress_output=False, task_id=1)
+    assert fc.is_clientapp_task(spec)
+    assert not fc.is_clientapp_task(ExecutionSpec(**{**vars(spec), "task_type": TaskType.SERVER_APP}))
+    assert fc.launch_accepted().status == LaunchResultStatus.ACCEPTED
+
+
+def test_a_clientapp_task_runs_through_flowers_own_runner_without_inherited_exit_handlers(monkeypatch) -> None:
+    import inspect
+
+    from flwr.supercore.exit import exit_handler
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    assert fc.CLIENTAPP_RUNTIME == runtime.__name__
+    assert set(inspect.signature(runtime.run_clientapp).parameters) == {
+        "runtime_api_address", "token", "insecure", "certificates", "parent_pid", "runtime_dependency_install"}
+    calls = []
+    monkeypatch.setattr(runtime, "run_clientapp", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(exit_handler, "registered_exit_handlers", [object()])
+    spec = types.SimpleNamespace(runtime_api_address="127.0.0.1:9094", token="t", insecure=True,
+                                 root_certificates_path=None)
+    fc.run_clientapp_task(spec)
+    assert exit_handler.registered_exit_handlers == []
+    assert calls == [{"runtime_api_address": "127.0.0.1:9094", "token": "t", "insecure": True, "certificates": None,
+                      "parent_pid": None, "runtime_dependency_install": False}]
+
+
+def test_only_flowers_deployed_grid_counts_as_sleeping_between_pulls() -> None:
+    import inspect
+
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    assert "time.sleep(3)" in inspect.getsource(HttpGrid.send_and_receive)  # what PromptGrid saves
+    assert fc.sleeps_between_pulls(HttpGrid.__new__(HttpGrid))
+    assert not fc.sleeps_between_pulls(NODES)

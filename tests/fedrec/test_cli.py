@@ -60,7 +60,7 @@ def test_train_then_recommend(monkeypatch, capsys, tmp_path):
     # The edge export recommends the same items as the run folder it came from.
     code, stdout_export, _ = run(monkeypatch, capsys, "export", "--model", str(out))
     assert code == 0 and "ms per recommendation" in stdout_export
-    exported = out / "model.none.torchscript.pt"
+    exported = out / "model.none.onnx"
     code, stdout2, _ = run(monkeypatch, capsys, "recommend", "--model", str(exported), "--history", "3,7,12", "-k",
                            "5", "--explain")
     assert code == 0 and stdout2.split("attention over the history")[0] == top
@@ -285,7 +285,7 @@ def test_corrupt_run_files_give_one_line(monkeypatch, capsys, tmp_path):
     _one_error_line(code, err, f"folder {tmp_path / 'no'} does not exist: create it")
     assert not (tmp_path / "no").exists()
     assert run(monkeypatch, capsys, "export", "--model", str(run_dir))[0] == 0
-    exported = run_dir / "model.none.torchscript.pt"
+    exported = run_dir / "model.none.onnx"
     code, _, err = run(monkeypatch, capsys, "export", "--model", str(exported), "--out", str(tmp_path / "again.pt"))
     _one_error_line(code, err, f"--model {exported} is a file: give the --out folder of a finished run")
     exported.write_bytes(b"")

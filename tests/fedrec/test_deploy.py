@@ -1,6 +1,7 @@
 """Deployment end to end on loopback: certificates, a TLS SuperLink with SuperNode authentication,
-three SuperNodes each with its own data file, two rounds through `fedrec run`; an unregistered
-and a plain-text SuperNode are refused; every process started is stopped by PID."""
+three warm SuperNodes each with its own data file, two DP rounds through `fedrec run`, then a
+round with SecAgg+ against the same round without; an unregistered and a plain-text SuperNode are
+refused; every process started is stopped by PID."""
 
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ from server import flower_cli as fc
 FEDREC = [sys.executable, "-m", "fedrec"]
 DATA = {"dataset": "synthetic", "synthetic-users": 240, "synthetic-items": 40, "synthetic-groups": 4,
         "synthetic-min-len": 8, "synthetic-max-len": 16, "holdout-users": 0.25}
-TRAINING = ("min-train-nodes=3 fraction-train=1.0 fraction-evaluate=1.0 local-epochs=1 max-len=10 "
-            "embedding-dim=16 hidden-dim=16 batch-size=16 dp=true target-epsilon=8 central-dp=false "
-            "server-strategy=\"fedavg\"")
+COMMON = ("min-train-nodes=3 fraction-train=1.0 local-epochs=1 max-len=10 "
+          "embedding-dim=16 hidden-dim=16 batch-size=16 central-dp=false server-strategy=\"fedavg\"")
+TRAINING = COMMON + " fraction-evaluate=1.0 dp=true target-epsilon=8"
+# SecAgg+ against the same round without it (no DP: the devices' budgets stay the first run's; no
+# evaluation round trip: the server's own held-out users are scored either way)
+PLAIN = COMMON + " dp=false secagg-max-weight=100 fraction-evaluate=0"
 
 
 def _fedrec(*args: str, env: dict[str, str], log: Path, timeout: float = 60) -> tuple[int, str]:
@@ -70,10 +74,12 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(tmp_path: Path) -> No
                   str(tmp_path / f"node-{i}"), "--auth-key", str(certs / f"node-{i}"), "--port", str(fc.free_port()),
                   *tls, name=f"node-{i}")
 
-        # node-4's key was never registered; a plain-text node cannot speak to a TLS SuperLink.
+        # node-4's key was never registered; a plain-text node cannot speak to a TLS SuperLink (both with
+        # Flower's stock launcher, `--cold`: the SuperNode itself refuses, before any ClientApp).
         refused = [_fedrec("client", "--superlink", address, "--data", str(data / "client-1.txt"), "--state-dir",
                            str(tmp_path / name), "--port", str(fc.free_port()), "--max-retries", "2",
-                           "--max-wait-time", "10", *extra, env=env, log=tmp_path / f"{name}.log", timeout=90)
+                           "--max-wait-time", "10", "--cold", *extra, env=env, log=tmp_path / f"{name}.log",
+                           timeout=90)
                    for name, extra in (("unregistered", [*tls, "--auth-key", str(certs / "node-4")]),
                                        ("plain", ["--insecure"]))]
         assert all(status != 0 for status, _ in refused)
@@ -84,6 +90,12 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(tmp_path: Path) -> No
                                  # a bound against hangs: each message starts a process (issue 17)
                                  env=env, log=tmp_path / "run.log", timeout=300)
         assert status == 0, output[-3000:]
+        for secagg in (False, True):
+            status, output = _fedrec("run", "--superlink", address, *tls, "--dataset", "seq", "--data-dir",
+                                     str(data / "server.txt"), "--out", str(tmp_path / f"secagg-{secagg}"),
+                                     "--rounds", "1", "--run-config", f"{PLAIN} secagg={str(secagg).lower()}",
+                                     env=env, log=tmp_path / f"run-secagg-{secagg}.log", timeout=300)
+            assert status == 0, output[-3000:]
     finally:
         for process in processes:
             fc.stop(process)
@@ -101,6 +113,15 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(tmp_path: Path) -> No
     for i in (1, 2, 3):  # each device's spent budget is on its own disk
         ledger = Ledger.load(tmp_path / f"node-{i}" / "privacy-ledger.json")
         assert 0 < ledger.epsilon(1e-5) <= 8
+        assert "warm ClientApp" in (tmp_path / f"node-{i}.log").read_text()  # fedrec client's default
+
+    # Over the real transport, as in process (tests/simulation/test_simulation.py): the devices train
+    # identically, so the models differ only by SecAgg+'s quantisation (steps of 16 / 2**22).
+    models = {s: torch.load(tmp_path / f"secagg-{s}" / "model.pt", weights_only=True) for s in (False, True)}
+    summaries = {s: json.loads((tmp_path / f"secagg-{s}" / "summary.json").read_text()) for s in (False, True)}
+    assert summaries[True]["secure_aggregation"]["enabled"] and not summaries[False]["secure_aggregation"]["enabled"]
+    gaps = [(models[True][k] - models[False][k]).abs().max().item() for k in models[False]]
+    assert 0 < max(gaps) < 2e-5
 
 
 def test_run_exits_non_zero_when_the_run_fails(tmp_path: Path) -> None:
