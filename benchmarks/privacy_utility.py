@@ -61,7 +61,6 @@ SILO = {"partition": "iid", "fraction-train": "1.0", "dp": "false", "central-dp"
 SILO_DP = {"dp": "true", "dp-unit": "user", "max-grad-norm": "1.0", "delta": "1e-5"}
 
 
-
 def recipe(mechanism: str, epsilon: float, clients: int, users: int) -> dict[str, str]:
     """The run config of one federated run: `clients` a round of `users` (`silo`: `clients` silos)."""
     if mechanism == "silo":

@@ -129,9 +129,10 @@ def serve(supernode: subprocess.Popen[bytes], runtime_api_address: str) -> None:
     stopped, which stops it). The SuperNode's Runtime API is on loopback, in plain text."""
     for module in PRELOAD:
         importlib.import_module(module)
-    if threads() > 1:
+    running = threads()
+    if running > 1:
         supernode.terminate()
-        raise SystemExit(f"fedrec client: {threads()} threads run in the warm launcher, and forking it would be "
+        raise SystemExit(f"fedrec client: {running} threads run in the warm launcher, and forking it would be "
                          "unsafe: start it with OPENBLAS_NUM_THREADS=1 (as `fedrec client` does), or use --cold")
     executor = ForkingExecutor(supernode)
     signal.signal(signal.SIGCHLD, lambda signum, frame: executor.reconcile())

@@ -96,7 +96,7 @@ def export(model: AttentionLSTM, path: Path, *, max_len: int, items: dict[str, A
     example = (torch.ones(2, max_len, dtype=torch.long), torch.tensor([max_len, max_len]))
     if format == "onnx":
         serving: nn.Module = (_Int8Serving(model) if quantize == "int8" else _Serving(model)).eval()
-        _write_onnx(serving, path, example, max_len, extra)
+        _write_onnx(serving, path, example, extra)
         return
     serving = _Serving(model)
     if quantize == "int8":
@@ -106,8 +106,7 @@ def export(model: AttentionLSTM, path: Path, *, max_len: int, items: dict[str, A
     replace_atomically(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files={EXTRA: extra}))
 
 
-def _write_onnx(serving: nn.Module, path: Path, example: tuple[torch.Tensor, torch.Tensor], max_len: int,
-                extra: str) -> None:
+def _write_onnx(serving: nn.Module, path: Path, example: tuple[torch.Tensor, torch.Tensor], extra: str) -> None:
     import onnx
 
     # Histories are right-padded to max_len (padding changes no score): a dynamic length would make
